@@ -1,0 +1,42 @@
+"""One error type for every bad input, so the CLI and both UIs can show it without a traceback."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user-facing input error: names the argument, what was given and what is allowed.
+
+    The CLI prints ``str(error)`` and exits 2; the UIs show it with gr.Error / st.error.
+    """
+
+    def __init__(self, argument: str, given: object, allowed: str):
+        self.argument = argument
+        self.given = given
+        self.allowed = allowed
+        super().__init__(f"{argument}: got {given!r}; allowed: {allowed}")
+
+
+def check_int_range(argument: str, value, low: int, high: int, extra: tuple[int, ...] = ()) -> int:
+    """Return ``value`` as int if it lies in [low, high] (or in ``extra``), else raise ConfigError."""
+    allowed = f"an integer from {low} to {high}" + (f", or {', '.join(map(str, extra))}" if extra else "")
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(argument, value, allowed) from None
+    if as_int != value and not (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        raise ConfigError(argument, value, allowed)
+    if not (low <= as_int <= high or as_int in extra):
+        raise ConfigError(argument, value, allowed)
+    return as_int
+
+
+def check_float_range(argument: str, value, low: float, high: float) -> float:
+    """Return ``value`` as float if it lies in [low, high], else raise ConfigError."""
+    allowed = f"a number from {low:g} to {high:g}"
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(argument, value, allowed) from None
+    if not (low <= as_float <= high):  # also rejects NaN
+        raise ConfigError(argument, value, allowed)
+    return as_float
