@@ -1,0 +1,180 @@
+"""Corrections wrap the quantized noise prediction; they never fork the sampler (DESIGN.md).
+
+A correction takes the quantized output ε̂ at one step and returns the noise estimate E' the
+DDIM step should use, and the σ it should apply (σ_t, or a reduced σ_t'). To use D²-DPM in
+your own DDIM loop::
+
+    correction = DualDenoising(stats, mode="deterministic")   # D-D²
+    out = correction(eps_hat, coeff, extra_noise=torch.randn_like(eps_hat))
+    x_prev, x0 = schedule.step(x_t, out.eps, coeff, out.sigma, z)
+
+where `coeff` is the step's `StepCoefficients` (ᾱ_t, ᾱ_prev, σ_t, k_t) from `DDIMSchedule`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .noise_model import NoiseStatistics, _broadcast_shape
+from .schedule import StepCoefficients
+
+MODES = ("deterministic", "stochastic")
+
+
+@dataclass
+class Corrected:
+    eps: torch.Tensor  # E', the noise estimate handed to the DDIM step
+    sigma: float | torch.Tensor  # the σ the step applies: σ_t, or σ_t' (per channel if a tensor)
+
+
+class Correction:
+    """No correction: E' = ε̂, σ = σ_t."""
+
+    needs_fp_eps = False  # the oracle alone reads the FP output
+
+    def __call__(self, eps_hat: torch.Tensor, coeff: StepCoefficients, extra_noise=None, eps_fp=None) -> Corrected:
+        return Corrected(eps_hat, coeff.sigma)
+
+
+def absorb_variance(coeff: StepCoefficients, residual_std: torch.Tensor | float, like: torch.Tensor) -> float | torch.Tensor:
+    """σ_t' = sqrt(σ_t² − k_t² σ_res²) if k_t² σ_res² < σ_t², else 0 (the clamp of the official code).
+
+    At η = 0, σ_t = 0 and nothing can be absorbed: σ_t itself is returned, so the step is
+    bit-identical to the uncorrected one.
+    """
+    if coeff.sigma == 0.0:
+        return coeff.sigma
+    absorbed = coeff.k**2 * torch.as_tensor(residual_std, dtype=torch.float64) ** 2
+    sigma_prime = (coeff.sigma**2 - absorbed).clamp_min(0.0).sqrt()
+    if sigma_prime.dim() == 0:
+        return float(sigma_prime)
+    return sigma_prime.to(like.dtype).view(_broadcast_shape(like, "channel"))
+
+
+class DualDenoising(Correction):
+    """D²-DPM (METHOD.md §3): remove the quantization noise's mean, then its variance.
+
+    mode "stochastic" (S-D²): E' = ε̂ − μ_cond(ε̂) − σ_cond·z', the step unchanged.
+    mode "deterministic" (D-D²): E' = ε̂ − μ_cond(ε̂), σ_t' absorbs k_t²·σ_cond² into the step's noise.
+    `mean` / `variance` switch the two halves (the paper's ablation). With the mean off, the
+    variance removed is the unconditional σ_Δ (nothing is conditioned on ε̂).
+    """
+
+    def __init__(self, stats: NoiseStatistics, mode: str = "deterministic", mean: bool = True, variance: bool = True,
+                 granularity: str = "channel"):
+        if mode not in MODES:
+            raise ConfigError("mode", mode, " or ".join(MODES))
+        self.stats, self.mode, self.mean, self.variance, self.granularity = stats, mode, mean, variance, granularity
+        residual = stats.sigma_cond(granularity) if mean else stats.sigma_delta(granularity)
+        self.residual_std = residual  # [S] or [S, C]
+
+    def __call__(self, eps_hat, coeff, extra_noise=None, eps_fp=None) -> Corrected:
+        _check_step(self.stats, coeff)
+        eps, sigma = eps_hat, coeff.sigma
+        # 1. mean deviation: subtract the conditional mean μ_cond(ε̂) (Algorithm 1, not Eq. 15's μ_Δ)
+        if self.mean:
+            eps = eps - self.stats.conditional_mean(eps_hat, coeff.index, self.granularity)
+        # 2. variance deviation
+        if self.variance:
+            residual = self.residual_std[coeff.index]
+            if self.mode == "stochastic":  # subtract a draw of the residual noise
+                if extra_noise is None:
+                    raise ValueError("S-D² needs extra_noise z' (a standard normal draw shaped like ε̂)")
+                eps = eps - residual.to(eps.dtype).view(_broadcast_shape(eps, self.granularity)) * extra_noise
+            else:  # absorb it into the step's own noise
+                sigma = absorb_variance(coeff, residual, eps)
+        return Corrected(eps, sigma)
+
+
+class PTQDCorrection(Correction):
+    """PTQD (METHOD.md §4): E' = (ε̂ − b_{t,c})/(1 + k_t), σ_t' absorbs (σ_q/(1 + k_t))²."""
+
+    def __init__(self, stats: NoiseStatistics):
+        self.stats = stats
+
+    def __call__(self, eps_hat, coeff, extra_noise=None, eps_fp=None) -> Corrected:
+        _check_step(self.stats, coeff)
+        i = coeff.index
+        gain = 1.0 + float(self.stats.ptqd_k[i])
+        bias = self.stats.ptqd_bias[i].to(eps_hat.dtype).view(_broadcast_shape(eps_hat, "channel"))
+        eps = (eps_hat - bias) / gain
+        return Corrected(eps, absorb_variance(coeff, float(self.stats.ptqd_sigma[i]) / gain, eps_hat))
+
+
+class OracleCorrection(Correction):
+    """E' = ε̂ − Δ with the true Δ = ε̂ − ε: the best any correction of ε can do (teaching aid)."""
+
+    needs_fp_eps = True
+
+    def __call__(self, eps_hat, coeff, extra_noise=None, eps_fp=None) -> Corrected:
+        if eps_fp is None:
+            raise ValueError("the oracle needs the full-precision output eps_fp")
+        return Corrected(eps_hat - (eps_hat - eps_fp), coeff.sigma)
+
+
+def _check_step(stats: NoiseStatistics, coeff: StepCoefficients) -> None:
+    if coeff.index >= len(stats.timesteps) or stats.timesteps[coeff.index] != coeff.t:
+        raise ConfigError("stats", f"statistics for timesteps {stats.timesteps[:3]}…", f"statistics collected on this schedule (step {coeff.index} is t={coeff.t})")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a comparison: which network drives it and how its output is corrected."""
+
+    name: str
+    label: str
+    network: str  # "fp" or "q"
+    description: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("fp", "FP", "fp", "full-precision network"),
+        Method("q", "Quantized", "q", "quantized network, no correction"),
+        Method("ptqd", "PTQD", "q", "PTQD: correlated-noise removal with residual variance absorbed (He et al. 2023)"),
+        Method("s-d2", "S-D²", "q", "stochastic dual denoising: subtract a draw of N(μ_cond, σ_cond²)"),
+        Method("d-d2", "D-D²", "q", "deterministic dual denoising: subtract μ_cond, absorb σ_cond² into σ_t'"),
+        Method("mean-only", "D² mean only", "q", "subtract μ_cond only (ablation)"),
+        Method("var-only", "D² variance only", "q", "absorb the unconditional σ_Δ² only (ablation, D mode)"),
+        Method("s-var-only", "S-D² variance only", "q", "subtract a draw of N(0, σ_Δ²) only (ablation, S mode)"),
+        Method("oracle", "Oracle", "q", "subtract the true Δ (needs the FP network: an upper bound)"),
+    ]
+}
+ALLOWED_METHODS = ", ".join(METHODS)
+
+
+def make_correction(method: str, stats: NoiseStatistics | None, granularity: str = "channel") -> Correction:
+    """The correction a method name stands for."""
+    if method not in METHODS:
+        raise ConfigError("methods", method, ALLOWED_METHODS)
+    if method in ("fp", "q"):
+        return Correction()
+    if method == "oracle":
+        return OracleCorrection()
+    if stats is None:
+        raise ValueError(f"method {method} needs noise statistics")
+    if method == "ptqd":
+        return PTQDCorrection(stats)
+    mode, mean, variance = {
+        "s-d2": ("stochastic", True, True),
+        "d-d2": ("deterministic", True, True),
+        "mean-only": ("deterministic", True, False),
+        "var-only": ("deterministic", False, True),
+        "s-var-only": ("stochastic", False, True),
+    }[method]
+    return DualDenoising(stats, mode, mean, variance, granularity)
+
+
+def method_for_switches(mean: bool, variance: bool, mode: str) -> str | None:
+    """The method a UI's (mean, variance, mode) switches select; None when both are off."""
+    if mean and variance:
+        return "s-d2" if mode == "stochastic" else "d-d2"
+    if mean:
+        return "mean-only"  # S and D coincide when the variance half is off
+    if variance:
+        return "s-var-only" if mode == "stochastic" else "var-only"
+    return None
