@@ -1,0 +1,348 @@
+"""The one entry point the CLI and both UIs call: a comparison of methods on shared noise.
+
+`Workbench` owns what is expensive and shareable (loaded models, calibrated statistics,
+quantized networks), each built once per key and safe to share between threads; a comparison
+itself keeps all its state in local variables, so concurrent visitors cannot disturb each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .calibration import ProgressCallback, calibrate
+from .corrections import METHODS, make_correction
+from .errors import ConfigError, check_float_range, check_int_range
+from .metrics import per_image_errors, trajectory_table
+from .models import ASSETS_DIR, DiffusionModel, NoisePredictor, load_model
+from .noise_model import GRANULARITIES, NoiseStatistics, StatsConfig
+from .quant import NOT_QUANTIZED_BITS, Efficiency, QuantConfig, count_macs, efficiency, quantize_network
+from .sampler import SamplerNoise, StepRecord, Track, sample
+from .schedule import DDIMSchedule
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("fp", "q", "ptqd", "s-d2", "d-d2")
+DEFAULT_CALIB_SAMPLES = 128
+MAX_IMAGES = 64
+MAX_GUIDANCE = 20.0
+SHIPPED_STATS_DIR = ASSETS_DIR / "stats"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("D2DPM_CACHE_DIR", Path.home() / ".cache" / "d2dpm"))
+
+
+def parse_methods(methods) -> tuple[str, ...]:
+    """Method names from a comma-separated string or a sequence; FP always comes first."""
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
+    names = [m for m in names if m]
+    for name in names:
+        if name not in METHODS:
+            raise ConfigError("methods", name, ", ".join(METHODS))
+    return tuple(dict.fromkeys(["fp", *names]))
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """One comparison: a model, a quantization, a sampler, and the methods to run side by side."""
+
+    model: str = "emoji"
+    w_bits: int = 4
+    a_bits: int = 8
+    steps: int = 20
+    eta: float = 0.0
+    guidance: float | None = None  # None: 3 for class-conditional models, 1 otherwise
+    class_label: int | None = None  # None: images cycle through the classes
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    seed: int = 0
+    num_images: int = 8
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    calib_seed: int = 0
+    granularity: str = "channel"
+    range_method: str = "mse"
+    keep_edge_layers_8bit: bool = True
+    stats_path: str | None = None  # an explicit statistics file (else shipped, cached or calibrated)
+
+    def validated(self, model: DiffusionModel) -> "CompareConfig":
+        """Check every field against `model`; return the config with defaults resolved."""
+        QuantConfig(self.w_bits, self.a_bits, self.range_method, self.keep_edge_layers_8bit)
+        train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
+        guidance = self.guidance
+        if guidance is None:
+            guidance = 3.0 if model.conditional else 1.0
+        guidance = check_float_range("guidance", guidance, 0.0, MAX_GUIDANCE)
+        if not model.conditional and guidance != 1.0:
+            raise ConfigError("guidance", guidance, "1 (the model is unconditional: classifier-free guidance needs a class-conditional model)")
+        class_label = self.class_label
+        if class_label is not None:
+            if not model.conditional:
+                raise ConfigError("class", class_label, "none (the model is unconditional)")
+            class_label = check_int_range("class", class_label, 0, model.num_classes - 1)
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError("granularity", self.granularity, " or ".join(GRANULARITIES))
+        return dataclasses.replace(
+            self,
+            w_bits=int(self.w_bits),
+            a_bits=int(self.a_bits),
+            steps=check_int_range("steps", self.steps, 1, train_steps),
+            eta=check_float_range("eta", self.eta, 0.0, 1.0),
+            guidance=guidance,
+            class_label=class_label,
+            methods=parse_methods(self.methods),
+            seed=check_int_range("seed", self.seed, 0, 2**63 - 1),
+            num_images=check_int_range("num_images", self.num_images, 1, MAX_IMAGES),
+            calib_samples=check_int_range("calib_samples", self.calib_samples, 2, 4096),
+        )
+
+    def stats_config(self, model: DiffusionModel) -> StatsConfig:
+        return StatsConfig(
+            model=model.identity,
+            w_bits=int(self.w_bits),
+            a_bits=int(self.a_bits),
+            steps=int(self.steps),
+            eta=float(self.eta),
+            guidance=float(self.guidance),
+            calib_samples=int(self.calib_samples),
+            seed=int(self.calib_seed),
+            range_method=self.range_method,
+            keep_edge_layers_8bit=bool(self.keep_edge_layers_8bit),
+        )
+
+
+@dataclass
+class CompareProgress:
+    """Streamed while sampling: the predicted x_0 of every method after step `step` (1-based)."""
+
+    step: int
+    total: int
+    x0: dict[str, torch.Tensor]
+
+
+@dataclass
+class ComparisonResult:
+    config: CompareConfig
+    model: DiffusionModel
+    labels: torch.Tensor | None  # the class of each image
+    samples: dict[str, torch.Tensor]  # method → final samples [N, *shape]
+    records: list[dict[str, StepRecord]]  # per step: method → record
+    trajectory: pd.DataFrame  # one row per method and step
+    metrics: pd.DataFrame  # one row per method
+    per_image: pd.DataFrame  # one row per method and image
+    stats: NoiseStatistics
+    stats_table: pd.DataFrame  # one row per step
+    efficiency: Efficiency
+    stats_source: str  # "shipped", "cache", "calibrated" or a file path
+
+    def run_info(self) -> dict:
+        """The full configuration and the efficiency row, JSON-ready."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "model_identity": self.model.identity,
+            "stats": dataclasses.asdict(self.stats.config),
+            "stats_source": self.stats_source,
+            "efficiency": self.efficiency.as_dict(),
+            "class_labels": self.labels.tolist() if self.labels is not None else None,
+            "class_names": [self.model.class_names[i] for i in self.labels.tolist()] if self.labels is not None and self.model.class_names else None,
+        }
+
+
+class Workbench:
+    """Shared, thread-safe store of models, statistics and quantized networks."""
+
+    def __init__(self, cache_dir: Path | None = None, device: str | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._stats: dict[str, tuple[NoiseStatistics, str]] = {}
+        self._quantized: dict[str, nn.Module] = {}
+        self._macs: dict[str, dict[str, int]] = {}
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def model(self, spec: str) -> DiffusionModel:
+        model = load_model(spec)
+        model.network.to(self.device)
+        return model
+
+    # -- statistics: explicit file → shipped → disk cache → calibrate (and cache)
+
+    def statistics(self, model: DiffusionModel, config: StatsConfig, stats_path: str | None = None,
+                   progress: ProgressCallback | None = None) -> tuple[NoiseStatistics, str]:
+        if stats_path is not None:
+            return NoiseStatistics.load(stats_path, expected=config), str(stats_path)
+        key = config.key()
+        with self._lock_for("stats:" + key):
+            if key in self._stats:
+                return self._stats[key]
+            found = self._shipped(config) or self._cached(config)
+            if found is None:
+                calibrated = calibrate(model, config, self.device, progress)
+                found = (calibrated.stats, "calibrated")
+                self._store_in_cache(calibrated.stats)
+                self._quantized[key] = calibrated.quantized_network
+            self._stats[key] = found
+            return found
+
+    def _shipped(self, config: StatsConfig) -> tuple[NoiseStatistics, str] | None:
+        path = SHIPPED_STATS_DIR / f"{config.key()}.safetensors"
+        if path.is_file():
+            return NoiseStatistics.load(path, expected=config), "shipped"
+        return None
+
+    def _cache_path(self, config: StatsConfig) -> Path:
+        return self.cache_dir / "stats" / f"{config.key()}.safetensors"
+
+    def _cached(self, config: StatsConfig) -> tuple[NoiseStatistics, str] | None:
+        path = self._cache_path(config)
+        if not path.is_file():
+            return None
+        try:
+            return NoiseStatistics.load(path, expected=config), "cache"
+        except ConfigError as error:  # corrupted or stale: recalibrate rather than fail
+            log.warning("ignoring cache entry %s (%s); recalibrating", path, error)
+            return None
+
+    def _store_in_cache(self, stats: NoiseStatistics) -> None:
+        path = self._cache_path(stats.config)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            stats.save(temporary)
+            temporary.replace(path)  # atomic: a reader never sees half a file
+        except OSError as error:
+            log.warning("could not cache statistics at %s: %s", path, error)
+
+    # -- the quantized network belonging to a set of statistics
+
+    def quantized_network(self, model: DiffusionModel, stats: NoiseStatistics) -> nn.Module:
+        key = stats.config.key()
+        with self._lock_for("q:" + key):
+            if key not in self._quantized:
+                if stats.activation_ranges is None:
+                    raise ConfigError("stats", "a statistics file without quantizer ranges", "statistics written by `d2dpm stats`")
+                self._quantized[key] = quantize_network(model.network, stats.activation_ranges, stats.config.range_method).to(self.device)
+            return self._quantized[key]
+
+    def efficiency(self, model: DiffusionModel, stats: NoiseStatistics) -> Efficiency:
+        with self._lock_for("macs:" + model.identity):
+            if model.identity not in self._macs:
+                x = torch.zeros((1, *model.sample_shape), device=self.device)
+                labels = torch.zeros(1, dtype=torch.long, device=self.device) if model.conditional else None
+                predictor = NoisePredictor(model.network, model.num_classes)
+                self._macs[model.identity] = count_macs(model.network, lambda: predictor(x, 0, labels, 1.0))
+        return efficiency(model.network, self._macs[model.identity], stats.activation_ranges.bits, batch=1)
+
+    # -- the comparison
+
+    def iter_compare(self, config: CompareConfig, progress: ProgressCallback | None = None) -> Iterator[CompareProgress | ComparisonResult]:
+        """Yield a `CompareProgress` after every step, then the `ComparisonResult`."""
+        model = self.model(config.model)
+        config = config.validated(model)
+        stats, source = self.statistics(model, config.stats_config(model), config.stats_path, progress)
+        predictors = {
+            "fp": NoisePredictor(model.network, model.num_classes),
+            "q": NoisePredictor(self.quantized_network(model, stats), model.num_classes),
+        }
+        schedule = DDIMSchedule(model.scheduler_config, config.steps, config.eta)
+        tracks = [Track(name, METHODS[name].network, make_correction(name, stats, config.granularity)) for name in config.methods]
+        noise = SamplerNoise.draw(config.num_images, model.sample_shape, config.steps, config.seed, self.device)
+        labels = self._labels(model, config)
+
+        records = []
+        for step_records in sample(schedule, predictors, tracks, noise, labels, config.guidance):
+            records.append(step_records)
+            yield CompareProgress(len(records), len(schedule), {name: r.x0 for name, r in step_records.items()})
+        yield self._result(config, model, labels, records, stats, source, schedule)
+
+    def compare(self, config: CompareConfig, progress: ProgressCallback | None = None,
+                on_step: Callable[[CompareProgress], None] | None = None) -> ComparisonResult:
+        for event in self.iter_compare(config, progress):
+            if isinstance(event, ComparisonResult):
+                return event
+            if on_step is not None:
+                on_step(event)
+        raise RuntimeError("the comparison ended without a result")
+
+    @staticmethod
+    def _labels(model: DiffusionModel, config: CompareConfig) -> torch.Tensor | None:
+        if not model.conditional:
+            return None
+        if config.class_label is not None:
+            return torch.full((config.num_images,), config.class_label, dtype=torch.long)
+        return torch.arange(config.num_images) % model.num_classes
+
+    def _result(self, config, model, labels, records, stats, source, schedule) -> ComparisonResult:
+        samples = {name: record.x_prev for name, record in records[-1].items()}
+        eff = self.efficiency(model, stats)
+        metric_rows, image_rows = [], []
+        for name, final in samples.items():
+            mse, psnr = per_image_errors(final, samples["fp"], model.kind)
+            is_fp = METHODS[name].network == "fp"
+            metric_rows.append(
+                {
+                    "method": name,
+                    "label": METHODS[name].label,
+                    "bits": "W32A32" if is_fp else f"W{config.w_bits}A{config.a_bits}",
+                    "mse_to_fp": float(mse.mean()),
+                    "psnr_to_fp": float(psnr.mean()) if name != "fp" else float("inf"),
+                    "psnr_std": float(psnr.std()) if name != "fp" and len(psnr) > 1 else 0.0,
+                    "size_mb": eff.fp_size_mb if is_fp else eff.q_size_mb,
+                    "gbops": eff.fp_gbops if is_fp else eff.q_gbops,
+                    "compression": 1.0 if is_fp else eff.compression,
+                    "bop_ratio": 1.0 if is_fp else eff.bop_ratio,
+                }
+            )
+            for index in range(final.shape[0]):
+                image_rows.append({"method": name, "image": index, "mse_to_fp": float(mse[index]), "psnr_to_fp": float(psnr[index])})
+        return ComparisonResult(
+            config=config,
+            model=model,
+            labels=labels,
+            samples=samples,
+            records=records,
+            trajectory=trajectory_table(records),
+            metrics=pd.DataFrame(metric_rows),
+            per_image=pd.DataFrame(image_rows),
+            stats=stats,
+            stats_table=stats.table(schedule),
+            efficiency=eff,
+            stats_source=source,
+        )
+
+
+_default_workbench: Workbench | None = None
+_default_lock = threading.Lock()
+
+
+def default_workbench() -> Workbench:
+    """The process-wide workbench both UIs and the CLI share."""
+    global _default_workbench
+    with _default_lock:
+        if _default_workbench is None:
+            _default_workbench = Workbench()
+        return _default_workbench
+
+
+def compare(config: CompareConfig, progress: ProgressCallback | None = None) -> ComparisonResult:
+    return default_workbench().compare(config, progress)
+
+
+def compute_statistics(config: CompareConfig, progress: ProgressCallback | None = None) -> tuple[DiffusionModel, NoiseStatistics]:
+    """Calibrate (never from a cache) the statistics of `config`: what `d2dpm stats` writes."""
+    workbench = default_workbench()
+    model = workbench.model(config.model)
+    config = config.validated(model)
+    return model, calibrate(model, config.stats_config(model), workbench.device, progress).stats
