@@ -1,0 +1,53 @@
+"""Loading diffusers models from folders and hub ids, offline."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_unet
+from d2dpm.errors import ConfigError
+from d2dpm.experiment import CompareConfig, Workbench
+from d2dpm.models import load_model
+
+
+def test_pipeline_folder_loads_and_compares(pipeline_model_dir):
+    model = load_model(str(pipeline_model_dir))
+    assert model.kind == "image" and model.sample_shape == (3, 8, 8) and not model.conditional
+    result = Workbench().compare(CompareConfig(model=str(pipeline_model_dir), steps=4, num_images=2, calib_samples=4, methods=("q", "d-d2")))
+    assert result.samples["d-d2"].shape == (2, 3, 8, 8)
+    assert result.config.guidance == 1.0  # unconditional: no guidance
+
+
+def test_bare_unet_folder_loads_with_the_default_scheduler(tmp_path):
+    tiny_unet().save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.scheduler_config["num_train_timesteps"] == 1000
+    x = torch.zeros(1, 3, 8, 8)
+    with torch.no_grad():
+        assert model.network(x, torch.tensor([10])).sample.shape == x.shape
+
+
+def test_foreign_class_conditional_unet_is_refused_clearly(tmp_path):
+    tiny_unet(num_class_embeds=5).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="unconditional"):
+        load_model(str(tmp_path))
+
+
+def test_unreachable_hub_id_gives_a_clear_error():
+    # HF_HUB_OFFLINE=1 (conftest): the hub cannot be reached, as on a machine with no network.
+    with pytest.raises(ConfigError) as refused:
+        load_model("google/ddpm-cifar10-32-not-cached")
+    assert refused.value.argument == "model" and "hub id could not be fetched" in str(refused.value)
+
+
+def test_guidance_on_an_unconditional_model_is_refused(pipeline_model_dir):
+    with pytest.raises(ConfigError) as refused:
+        Workbench().compare(CompareConfig(model=str(pipeline_model_dir), guidance=3.0, steps=4, num_images=1, calib_samples=4))
+    assert refused.value.argument == "guidance"
+
+
+def test_folder_without_a_model_is_refused(tmp_path):
+    (tmp_path / "notes.json").write_text(json.dumps({}))
+    with pytest.raises(ConfigError, match="holds no diffusers model"):
+        load_model(str(tmp_path))
