@@ -20,10 +20,10 @@ def check_int_range(argument: str, value, low: int, high: int, extra: tuple[int,
     """Return ``value`` as int if it lies in [low, high] (or in ``extra``), else raise ConfigError."""
     allowed = f"an integer from {low} to {high}" + (f", or {', '.join(map(str, extra))}" if extra else "")
     try:
-        as_int = int(value)
-    except (TypeError, ValueError):
+        as_int = int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(argument, value, allowed) from None
-    if as_int != value and not (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+    if isinstance(value, bool) or (isinstance(value, float) and value != as_int):  # 2.5 is not a bit-width
         raise ConfigError(argument, value, allowed)
     if not (low <= as_int <= high or as_int in extra):
         raise ConfigError(argument, value, allowed)

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,7 +25,7 @@ from .errors import ConfigError, check_float_range, check_int_range
 from .metrics import per_image_errors, trajectory_table
 from .models import ASSETS_DIR, DiffusionModel, NoisePredictor, load_model
 from .noise_model import GRANULARITIES, NoiseStatistics, StatsConfig
-from .quant import NOT_QUANTIZED_BITS, Efficiency, QuantConfig, count_macs, efficiency, quantize_network
+from .quant import Efficiency, QuantConfig, count_macs, efficiency, quantize_network
 from .sampler import SamplerNoise, StepRecord, Track, sample
 from .schedule import DDIMSchedule
 
