@@ -185,7 +185,7 @@ class NoiseStatistics:
             "ptqd.k": self.ptqd_k,
             "ptqd.bias": self.ptqd_bias,
             "ptqd.sigma": self.ptqd_sigma,
-            "pair_sample": self.pair_sample.float(),
+            "pair_sample": self.pair_sample.half(),  # for figures only: half precision keeps shipped files small
             "timesteps": torch.tensor(self.timesteps),
         }
         if self.activation_ranges is not None:
@@ -218,7 +218,7 @@ class NoiseStatistics:
             ptqd_k=tensors["ptqd.k"],
             ptqd_bias=tensors["ptqd.bias"],
             ptqd_sigma=tensors["ptqd.sigma"],
-            pair_sample=tensors["pair_sample"],
+            pair_sample=tensors["pair_sample"].float(),
             activation_ranges=ActivationRanges.from_tensors({f"act.{k}": v for k, v in acts.items()}) if acts else None,
         )
 
