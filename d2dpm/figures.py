@@ -1,4 +1,9 @@
-"""Pictures of a comparison, shared by the CLI and both UIs (pillow for images)."""
+"""Pictures of a comparison, shared by the CLI and both UIs.
+
+Pillow for image grids and difference heat-maps, plotly for every curve. One colour per method
+(`METHOD_COLORS`) is used everywhere, in both UIs, so a student can follow "D-D²" from the image
+rows to the curves. Nothing here imports a UI library.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,26 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .corrections import METHODS
 
+# One colour per method, everywhere (Okabe-Ito, safe for colour-blind readers): FP black,
+# the uncorrected quantized model vermillion, the baseline orange, D² in blues, the oracle green.
+METHOD_COLORS: dict[str, str] = {
+    "fp": "#222222",
+    "q": "#D55E00",
+    "ptqd": "#E69F00",
+    "s-d2": "#56B4E9",
+    "d-d2": "#0072B2",
+    "mean-only": "#CC79A7",
+    "var-only": "#8C564B",
+    "s-var-only": "#999999",
+    "oracle": "#009E73",
+}
+_EXTRA_COLORS = ("#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74")
+
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 LABEL_WIDTH = 150
 PADDING = 4
+SWATCH_WIDTH = 6  # the method's colour beside its row label
 
 
 def to_uint8_images(samples: torch.Tensor) -> np.ndarray:
@@ -51,7 +72,60 @@ def _draw_text(draw: ImageDraw.ImageDraw, xy, label: str, size: int, anchor: str
     draw.text(xy, text, fill=INK, font=font, anchor=anchor)
 
 
-def points_panel(points: torch.Tensor, size: int, extent: float = 3.0, reference: torch.Tensor | None = None) -> Image.Image:
+def method_color(method: str) -> str:
+    """The method's colour as '#RRGGBB' (a stable extra colour for names not in the palette)."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+
+
+def method_label(method: str) -> str:
+    return METHODS[method].label if method in METHODS else method
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    color = color.lstrip("#")
+    return tuple(int(color[i:i + 2], 16) for i in (0, 2, 4))
+
+
+# -- difference heat-maps (pillow)
+
+# white → yellow → orange → red → dark red: 0 reads as "identical to FP" on a white page
+_HEAT_ANCHORS = np.array([[255, 255, 255], [254, 224, 139], [253, 141, 60], [215, 48, 31], [127, 0, 0]], dtype=np.float64)
+
+
+def heat_colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → uint8 RGB, white (0) to dark red (1)."""
+    v = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_HEAT_ANCHORS) - 1)
+    low = np.floor(v).astype(int).clip(0, len(_HEAT_ANCHORS) - 2)
+    frac = (v - low)[..., None]
+    rgb = _HEAT_ANCHORS[low] * (1 - frac) + _HEAT_ANCHORS[low + 1] * frac
+    return rgb.round().astype(np.uint8)
+
+
+def _abs_difference(samples: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """|x − x_ref| averaged over channels, in [0, 1] image units: [N, H, W]."""
+    diff = (samples.detach().float().cpu().clamp(-1, 1) - reference.detach().float().cpu().clamp(-1, 1)).abs() / 2
+    return diff.mean(1).numpy()
+
+
+def difference_scale(samples: dict[str, torch.Tensor], reference: str = "fp", floor: float = 0.02) -> float:
+    """One colour-scale maximum for every method's heat-maps (the 99th percentile of all differences)."""
+    values = [_abs_difference(batch, samples[reference]).ravel() for name, batch in samples.items() if name != reference]
+    if not values:
+        return floor
+    return max(float(np.percentile(np.concatenate(values), 99)), floor)
+
+
+def difference_maps(samples: torch.Tensor, reference: torch.Tensor, vmax: float | None = None) -> np.ndarray:
+    """Per-image heat-maps of |x − x_ref| (channel mean, [0, 1] units): [N, H, W, 3] uint8."""
+    diff = _abs_difference(samples, reference)
+    vmax = vmax if vmax is not None else max(float(diff.max()), 1e-6)
+    return heat_colormap(diff / vmax)
+
+
+def points_panel(points: torch.Tensor, size: int, extent: float = 3.0, reference: torch.Tensor | None = None,
+                 color: str = "#1F77B4") -> Image.Image:
     """A scatter plot of 2-D samples on a square panel (reference points in light grey)."""
     panel = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(panel)
@@ -63,25 +137,41 @@ def points_panel(points: torch.Tensor, size: int, extent: float = 3.0, reference
         for x, y in to_pixels(reference):
             draw.point((x, size - 1 - y), fill=(200, 200, 200))
     for x, y in to_pixels(points):
-        draw.ellipse((x - 1.5, size - 2.5 - y, x + 1.5, size + 0.5 - y), fill=(31, 119, 180))
+        draw.ellipse((x - 1.5, size - 2.5 - y, x + 1.5, size + 0.5 - y), fill=_rgb(color))
     draw.rectangle((0, 0, size - 1, size - 1), outline=(180, 180, 180))
     return panel
 
 
 def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3, column_titles: list[str] | None = None,
-                    title: str | None = None) -> Image.Image:
+                    title: str | None = None, differences: bool = False) -> Image.Image:
     """One labelled row per method: its samples side by side (images upscaled `scale`× with
-    nearest-neighbour so pixels stay visible), or one scatter panel for point models."""
+    nearest-neighbour so pixels stay visible), or one scatter panel for point models.
+
+    With `differences`, every method but FP gets a second row under its samples: the per-image
+    heat-map of |x − x_FP| (white = identical to FP), on one colour scale shared by all rows.
+    """
     rows = []
+    vmax = difference_scale(samples) if differences and kind == "image" and "fp" in samples else None
     for method, batch in samples.items():
+        label = METHODS[method].label if method in METHODS else method
         if kind == "image":
             images = to_uint8_images(batch)
             tiles = [Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST) for image in images]
         else:
-            tiles = [points_panel(batch, 96 * scale, reference=samples.get("fp"))]
-        rows.append((METHODS[method].label if method in METHODS else method, tiles))
+            tiles = [points_panel(batch, 96 * scale, reference=samples.get("fp") if method != "fp" else None, color=method_color(method))]
+        rows.append((label, tiles, method_color(method)))
+        if vmax is not None and method != "fp":
+            maps = difference_maps(batch, samples["fp"], vmax)
+            rows.append(("  |x − FP|", [Image.fromarray(m).resize((m.shape[1] * scale, m.shape[0] * scale), Image.NEAREST) for m in maps], None))
+    if vmax is not None:
+        title = (title + "   " if title else "") + f"heat-maps: |x − FP|, white 0 → dark red {vmax:.2f}"
+    return _assemble(rows, column_titles, title)
+
+
+def _assemble(rows: list[tuple[str, list[Image.Image], str | None]], column_titles: list[str] | None, title: str | None) -> Image.Image:
+    """Rows of equal tiles with a label column (a colour swatch for method rows) and optional titles."""
     tile_w, tile_h = rows[0][1][0].size
-    columns = max(len(tiles) for _, tiles in rows)
+    columns = max(len(tiles) for _, tiles, _ in rows)
     header = 0
     if title:
         header += 26
@@ -101,9 +191,281 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
         for index, text in enumerate(column_titles[:columns]):
             _draw_text(draw, (LABEL_WIDTH + index * (tile_w + PADDING) + tile_w // 2, y), text, 11, anchor="mt", max_width=tile_w)
         y += 18
-    for label, tiles in rows:
-        _draw_text(draw, (PADDING, y + tile_h // 2), label, 15, anchor="lm")
+    for label, tiles, color in rows:
+        if color is not None:
+            draw.rectangle((PADDING, y + tile_h // 2 - 6, PADDING + 11, y + tile_h // 2 + 5), fill=color)
+            _draw_text(draw, (PADDING + 17, y + tile_h // 2), label, 15, anchor="lm", max_width=LABEL_WIDTH - 20)
+        else:
+            _draw_text(draw, (PADDING, y + tile_h // 2), label, 12, anchor="lm", max_width=LABEL_WIDTH - 6)
         for index, tile in enumerate(tiles):
             grid.paste(tile, (LABEL_WIDTH + index * (tile_w + PADDING), y))
         y += tile_h + PADDING
     return grid
+
+
+def step_images(result, step: int, scale: int = 3, what: str = "x0") -> Image.Image:
+    """The predicted x_0 (or x_t) of every method after step `step` (0-based) as a labelled grid."""
+    records = result.records[step]
+    samples = {name: getattr(record, what) for name, record in records.items()}
+    t = next(iter(records.values())).t
+    return comparison_grid(samples, result.model.kind, scale=scale,
+                           title=f"predicted x₀ after step {step + 1}/{len(result.records)} (t = {t})" if what == "x0" else None)
+
+
+# -- plotly: every curve of both UIs
+
+_LAYOUT = dict(template="plotly_white", font=dict(family="Inter, DejaVu Sans, sans-serif", size=13),
+               margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0))
+QUANTITY_COLORS = {
+    "mu_delta": "#D55E00", "sigma_delta": "#E69F00", "sigma_cond": "#0072B2", "rho": "#CC79A7",
+    "sigma_t": "#222222", "sigma_t_prime": "#0072B2", "k_t": "#009E73",
+}
+
+
+def _go():
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    return go, make_subplots
+
+
+def _shade_unabsorbed(fig, table, rows_cols) -> None:
+    """Grey bands over the steps where D-D² could not absorb the residual variance (k_t²σ_cond² ≥ σ_t²)."""
+    steps = table.loc[~table["variance_absorbed"].astype(bool), "step"].tolist()
+    # merge consecutive steps into bands
+    bands, start, prev = [], None, None
+    for s in steps:
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            bands.append((start, prev))
+            start = prev = s
+    if start is not None:
+        bands.append((start, prev))
+    for row, col in rows_cols:
+        for a, b in bands:
+            fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor="#9E9E9E", opacity=0.18, line_width=0, row=row, col=col)
+
+
+def deviation_figure(stats_table, title: str | None = None):
+    """Per-step curves of the noise model: μ_Δ, σ_Δ, σ_cond; ρ; σ_t vs D-D²'s σ_t'; k_t.
+
+    Grey bands: steps where the residual variance could not be absorbed (all of them at η = 0).
+    """
+    go, make_subplots = _go()
+    t = stats_table
+    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, vertical_spacing=0.14, horizontal_spacing=0.1,
+                        subplot_titles=("quantization noise Δ: mean and spread", "correlation ρ(ε̂, Δ)",
+                                        "step noise: σ_t and D-D²'s σ_t'", "k_t: gain of an ε error on x_prev"))
+    custom = t[["t"]].to_numpy()
+    hover = "step %{x} (t = %{customdata[0]})<br>%{y:.4g}"
+
+    def line(y, name, row, col, dash=None, key=None):
+        fig.add_trace(go.Scatter(x=t["step"], y=t[y], name=name, mode="lines+markers", customdata=custom, hovertemplate=hover,
+                                 line=dict(color=QUANTITY_COLORS[key or y], dash=dash, width=2.5), marker=dict(size=5)), row=row, col=col)
+
+    line("mu_delta", "μ_Δ (mean deviation)", 1, 1)
+    line("sigma_delta", "σ_Δ (variance deviation)", 1, 1)
+    line("sigma_cond", "σ_cond = σ_Δ√(1−ρ²)", 1, 1, dash="dot")
+    line("rho", "ρ", 1, 2)
+    line("sigma_t", "σ_t (DDIM)", 2, 1)
+    line("sigma_t_prime", "σ_t' (D-D²)", 2, 1, dash="dash")
+    line("k_t", "k_t", 2, 2)
+    fig.add_hline(y=0, line_width=1, line_color="#BBBBBB", row=1, col=2)
+    _shade_unabsorbed(fig, t, [(1, 1), (1, 2), (2, 1), (2, 2)])
+    if (~t["variance_absorbed"].astype(bool)).any():
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="variance not absorbed (grey)",
+                                 marker=dict(size=12, symbol="square", color="rgba(158,158,158,0.45)")), row=1, col=1)
+    fig.update_xaxes(title_text="sampling step (noisy → clean)", row=2, col=1)
+    fig.update_xaxes(title_text="sampling step (noisy → clean)", row=2, col=2)
+    fig.update_layout(**_LAYOUT, height=620, title=dict(text=title or "Per-step quantization noise", x=0, y=0.99))
+    fig.update_layout(margin=dict(l=60, r=20, t=130, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.08, x=0))
+    return fig
+
+
+def _pairs(stats, step: int) -> tuple[np.ndarray, np.ndarray]:
+    pairs = stats.pair_sample[step].float().numpy()
+    keep = np.isfinite(pairs).all(0)
+    return pairs[0][keep], pairs[1][keep]
+
+
+def _check_step(stats, step: int) -> int:
+    from .errors import check_int_range
+
+    return check_int_range("step", step, 0, len(stats.timesteps) - 1)
+
+
+def delta_histogram_figure(stats, step: int):
+    """The paper's Figure 2 (left): histogram of Δ at one step, with the Gaussian N(μ_Δ, σ_Δ²) fit."""
+    go, _ = _go()
+    step = _check_step(stats, step)
+    _, delta = _pairs(stats, step)
+    mu, sd = float(stats.tensor["mu_y"][step]), float(stats.tensor["var_y"][step].sqrt())
+    grid = np.linspace(mu - 4.5 * sd, mu + 4.5 * sd, 200)
+    pdf = np.exp(-0.5 * ((grid - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+    fig = go.Figure()
+    fig.add_trace(go.Histogram(x=delta, histnorm="probability density", nbinsx=60, name="Δ = ε̂ − ε (samples)",
+                               marker=dict(color="rgba(213,94,0,0.55)", line=dict(color="white", width=0.5))))
+    fig.add_trace(go.Scatter(x=grid, y=pdf, mode="lines", name=f"Gaussian fit N({mu:.3g}, {sd:.3g}²)", line=dict(color="#222222", width=2.5)))
+    fig.add_vline(x=mu, line_dash="dash", line_color="#D55E00")
+    fig.update_layout(**_LAYOUT, height=400, bargap=0.02,
+                      title=dict(text=f"Δ at step {step + 1} (t = {stats.timesteps[step]})", x=0, y=0.97),
+                      xaxis_title="Δ (quantized − full-precision output)", yaxis_title="density")
+    fig.update_layout(margin=dict(l=60, r=20, t=90, b=50))
+    return fig
+
+
+def joint_density_figure(stats, step: int):
+    """The paper's Figure 2 (right): joint density of (ε̂, Δ) at one step, with the conditional
+    mean μ_cond(ε̂) = μ_Δ + ρ σ_Δ/σ_ε̂ (ε̂ − μ_ε̂) and the ±σ_cond band D²-DPM uses."""
+    go, _ = _go()
+    step = _check_step(stats, step)
+    eps_hat, delta = _pairs(stats, step)
+    fit = stats.tensor
+    mu_x, mu_y = float(fit["mu_x"][step]), float(fit["mu_y"][step])
+    sx, sy = float(fit["var_x"][step].sqrt()), float(fit["var_y"][step].sqrt())
+    rho = float(stats.rho("tensor")[step])
+    s_cond = float(stats.sigma_cond("tensor")[step])
+    x = np.linspace(mu_x - 3.5 * sx, mu_x + 3.5 * sx, 100)
+    line = mu_y + rho * sy / sx * (x - mu_x)
+    fig = go.Figure()
+    fig.add_trace(go.Histogram2dContour(x=eps_hat, y=delta, colorscale="Blues", showscale=False, ncontours=14,
+                                        contours=dict(coloring="fill", showlines=False), name="density", hoverinfo="skip"))
+    shown = min(len(eps_hat), 800)
+    fig.add_trace(go.Scatter(x=eps_hat[:shown], y=delta[:shown], mode="markers", name="(ε̂, Δ) pairs",
+                             marker=dict(size=3, color="rgba(34,34,34,0.35)")))
+    fig.add_trace(go.Scatter(x=x, y=line, mode="lines", name=f"μ_cond(ε̂), ρ = {rho:.2f}", line=dict(color="#D55E00", width=3)))
+    for sign in (1, -1):
+        fig.add_trace(go.Scatter(x=x, y=line + sign * s_cond, mode="lines", showlegend=sign == 1, name="± σ_cond",
+                                 line=dict(color="#D55E00", width=1.5, dash="dot")))
+    fig.update_layout(**_LAYOUT, height=400, title=dict(text=f"(ε̂, Δ) at step {step + 1} (t = {stats.timesteps[step]})", x=0, y=0.97),
+                      xaxis_title="ε̂ (quantized output)", yaxis_title="Δ")
+    fig.update_layout(margin=dict(l=60, r=20, t=90, b=50))
+    lo, hi = np.percentile(delta, [0.5, 99.5]) if len(delta) else (-1, 1)
+    pad = 0.15 * (hi - lo + 1e-9)
+    fig.update_yaxes(range=[lo - pad, hi + pad])
+    fig.update_xaxes(range=[x[0], x[-1]])
+    return fig
+
+
+def _method_lines(fig, go, table, y: str, row: int | None = None, col: int | None = None, legend: bool = True, dash=None) -> None:
+    for method, group in table.groupby("method", sort=False):
+        kwargs = dict(row=row, col=col) if row is not None else {}
+        fig.add_trace(go.Scatter(x=group["step"], y=group[y], mode="lines+markers", name=method_label(method), legendgroup=method,
+                                 showlegend=legend, customdata=group[["t"]].to_numpy(),
+                                 hovertemplate=method_label(method) + ": %{y:.4g}<br>step %{x} (t = %{customdata[0]})<extra></extra>",
+                                 line=dict(color=method_color(method), width=2.5, dash=dash), marker=dict(size=5)), **kwargs)
+
+
+def trajectory_figure(trajectory, log_y: bool = True):
+    """RMSE to the FP trajectory per method and step: of x_t, and of the predicted x_0."""
+    go, make_subplots = _go()
+    table = trajectory[trajectory["method"] != "fp"]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("RMSE of x_t to the FP trajectory", "RMSE of the predicted x₀ to FP's"))
+    _method_lines(fig, go, table, "rmse_xt", 1, 1)
+    _method_lines(fig, go, table, "rmse_x0", 1, 2, legend=False)
+    fig.update_xaxes(title_text="sampling step (noisy → clean)")
+    if log_y and (table[["rmse_xt", "rmse_x0"]] > 0).any().all():
+        fig.update_yaxes(type="log")
+    fig.update_layout(**_LAYOUT, height=420)
+    fig.update_layout(margin=dict(l=60, r=20, t=100, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.12, x=0))
+    return fig
+
+
+def moments_figure(trajectory):
+    """Mean and standard deviation of x_t per method and step (a mean shift shows as a drifting
+    mean; excess variance as a std that stays above FP's)."""
+    go, make_subplots = _go()
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=("mean of x_t", "std of x_t"))
+    _method_lines(fig, go, trajectory, "mean_xt", 1, 1)
+    _method_lines(fig, go, trajectory, "std_xt", 1, 2, legend=False)
+    fig.update_xaxes(title_text="sampling step (noisy → clean)")
+    fig.update_layout(**_LAYOUT, height=380)
+    fig.update_layout(margin=dict(l=60, r=20, t=100, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.12, x=0))
+    return fig
+
+
+def metrics_figure(metrics):
+    """PSNR to FP per method (bars, ± std over images): higher is closer to the FP samples."""
+    go, _ = _go()
+    table = metrics[metrics["method"] != "fp"]
+    fig = go.Figure(go.Bar(x=[method_label(m) for m in table["method"]], y=table["psnr_to_fp"],
+                           error_y=dict(type="data", array=table["psnr_std"], visible=True),
+                           marker_color=[method_color(m) for m in table["method"]],
+                           hovertemplate="%{x}: %{y:.2f} dB<extra></extra>"))
+    fig.update_layout(**_LAYOUT, height=320, title=dict(text="PSNR to the FP samples (higher = closer)", x=0),
+                      yaxis_title="dB", showlegend=False)
+    return fig
+
+
+def _toy_density_grid(extent: float, n: int = 120):
+    try:  # the toy data set's exact density, when the training module that defines it is installed
+        from .datasets import toy2d_log_density
+    except ImportError:
+        return None
+    axis = np.linspace(-extent, extent, n)
+    xx, yy = np.meshgrid(axis, axis)
+    points = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
+    with torch.no_grad():
+        density = toy2d_log_density(points).exp().numpy().reshape(n, n)
+    return axis, density
+
+
+def particles_figure(result, max_particles: int = 64, extent: float | None = None):
+    """toy2d: the particles of every method moving over the data density, with their paths
+    (a plotly animation: one frame per step; press play or drag the slider)."""
+    go, _ = _go()
+    methods = list(result.records[0].keys())
+    steps = len(result.records)
+    n = min(max_particles, result.records[0][methods[0]].x_t.shape[0])
+    # paths[method]: [steps + 1, n, 2] from x_T to the final sample
+    paths = {}
+    for m in methods:
+        states = [r[m].x_t[:n] for r in result.records] + [result.records[-1][m].x_prev[:n]]
+        paths[m] = torch.stack(states).detach().float().cpu().numpy()
+    if extent is None:
+        finals = np.concatenate([p[-1] for p in paths.values()])
+        extent = float(min(max(np.abs(finals).max() * 1.15, 2.5), 6.0))
+    fig = go.Figure()
+    density = _toy_density_grid(extent)
+    if density is not None:
+        axis, values = density
+        fig.add_trace(go.Contour(x=axis, y=axis, z=values, colorscale="Greys", showscale=False, opacity=0.55,
+                                 contours=dict(coloring="fill", showlines=False), hoverinfo="skip", name="data density"))
+    background = len(fig.data)
+
+    def traces(k: int):
+        out = []
+        for m in methods:
+            p = paths[m][: k + 1]
+            xs, ys = [], []
+            for i in range(n):
+                xs += list(p[:, i, 0]) + [None]
+                ys += list(p[:, i, 1]) + [None]
+            color = method_color(m)
+            out.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1), opacity=0.35,
+                                  legendgroup=m, showlegend=False, hoverinfo="skip"))
+            out.append(go.Scatter(x=p[-1, :, 0], y=p[-1, :, 1], mode="markers", name=method_label(m), legendgroup=m,
+                                  marker=dict(color=color, size=7, line=dict(color="white", width=0.5))))
+        return out
+
+    for trace in traces(steps):
+        fig.add_trace(trace)
+    animated = list(range(background, len(fig.data)))
+    frames = [go.Frame(data=traces(k), traces=animated, name=str(k)) for k in range(steps + 1)]
+    fig.frames = frames
+    slider = dict(active=steps, currentvalue=dict(prefix="step "), pad=dict(t=40),
+                  steps=[dict(label=str(k), method="animate", args=[[str(k)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
+                         for k in range(steps + 1)])
+    fig.update_layout(**_LAYOUT, height=560, sliders=[slider],
+                      updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.08, xanchor="left", yanchor="top",
+                                        buttons=[dict(label="▶ play", method="animate",
+                                                      args=[[str(k) for k in range(steps + 1)], dict(frame=dict(duration=250, redraw=True), fromcurrent=False, transition=dict(duration=0))])])],
+                      title=dict(text="Particles from the same noise, step by step", x=0))
+    fig.update_xaxes(range=[-extent, extent], constrain="domain", title_text="x₁")
+    fig.update_yaxes(range=[-extent, extent], scaleanchor="x", title_text="x₂")
+    fig.update_layout(margin=dict(l=60, r=20, t=100, b=120))
+    return fig

@@ -1,0 +1,261 @@
+"""What both UIs share and neither may compute twice: turning widget values into a
+`CompareConfig`, the CPU budget, the model summary, display tables, downloads and captions.
+
+No UI library is imported here; `gradio_ui` and `streamlit_ui` are thin layers over it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from d2dpm.corrections import METHODS, method_for_switches
+from d2dpm.errors import ConfigError, check_int_range
+from d2dpm.experiment import MAX_IMAGES, CompareConfig, ComparisonResult, default_workbench
+from d2dpm.figures import comparison_grid, method_label
+
+DEFAULT_MODEL = os.environ.get("D2DPM_APP_MODEL", "emoji")
+MODEL_CHOICES = ["emoji", "fashion", "toy2d"]
+PRESETS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A6": (4, 6)}
+DEFAULT_PRESET = "W4A8"
+MODES = {"S-D²": "stochastic", "D-D²": "deterministic"}
+ALL_CLASSES = "all classes (one image each, cycling)"
+
+# The CPU budget: images × method rows × steps ("image-steps"). Each image-step is one image
+# through one network at one step; the default comparison (8 images, 5 rows, 20 steps) is 800.
+# 2,400 keeps a comparison of the embedded models to seconds on a 2-core Space. Operators with
+# more hardware raise it with the environment variable D2DPM_MAX_IMAGE_STEPS.
+MAX_IMAGE_STEPS = int(os.environ.get("D2DPM_MAX_IMAGE_STEPS", "2400"))
+MAX_UI_STEPS = 100
+MAX_CALIB_SAMPLES = 512
+
+PAPER_URL = "https://arxiv.org/abs/2501.08180"
+CODE_URL = "https://github.com/TaylorJocelyn/D2-DPM"
+
+
+@dataclass
+class ModelSummary:
+    """What the controls need to know about a model (or why it cannot be used)."""
+
+    spec: str
+    ok: bool
+    kind: str = "image"
+    conditional: bool = False
+    class_names: list[str] = field(default_factory=list)
+    shape: tuple = ()
+    message: str = ""
+
+    def class_choices(self) -> list[str]:
+        return [ALL_CLASSES] + [f"{i}: {name}" for i, name in enumerate(self.class_names)]
+
+
+def describe_model(spec: str) -> ModelSummary:
+    """Load a model (cached by the core) and summarise it; a missing or bad model gives ok=False
+    and a message saying what to do, never an exception."""
+    spec = (spec or "").strip() or DEFAULT_MODEL
+    try:
+        model = default_workbench().model(spec)
+    except ConfigError as error:
+        if spec in MODEL_CHOICES:
+            message = (f"The embedded model '{spec}' is not installed here (assets/models/{spec} is missing). "
+                       "Train it with `d2dpm train` (see the README), or type the path of a diffusers model folder in the model box.")
+        else:
+            message = f"Model not available: {error.given!r}. Allowed: {error.allowed}."
+        return ModelSummary(spec, False, message=message)
+    except Exception as error:  # a folder that is not a model: say so, keep serving
+        return ModelSummary(spec, False, message=f"Could not load model {spec!r}: {type(error).__name__}: {error}")
+    names = list(model.class_names) if model.class_names else [f"class {i}" for i in range(model.num_classes or 0)]
+    what = "2-D points" if model.kind == "points" else "×".join(map(str, model.sample_shape)) + " images"
+    cond = f", class-conditional ({model.num_classes} classes)" if model.conditional else ", unconditional"
+    return ModelSummary(spec, True, model.kind, model.conditional, names, tuple(model.sample_shape),
+                        message=f"**{model.name}**: {what}{cond}")
+
+
+def parse_class(choice, conditional: bool) -> int | None:
+    """"all classes…" / None / "" → None; "3: cat" or 3 → 3."""
+    if not conditional or choice is None or choice == "" or choice == ALL_CLASSES:
+        return None
+    if isinstance(choice, str):
+        head = choice.split(":", 1)[0].strip()
+        return check_int_range("class", head, 0, 10**6)
+    return check_int_range("class", choice, 0, 10**6)
+
+
+def methods_from_switches(mean: bool, variance: bool, modes, ptqd: bool, oracle: bool) -> tuple[str, ...]:
+    """The method rows the toggles select: FP and the quantized model always, then PTQD, the
+    D² variants of each chosen mode (deduplicated: with the variance off S and D coincide), the oracle."""
+    rows = ["fp", "q"]
+    if ptqd:
+        rows.append("ptqd")
+    for mode_label in modes or ():
+        if mode_label not in MODES:
+            raise ConfigError("mode", mode_label, " or ".join(MODES))
+        name = method_for_switches(bool(mean), bool(variance), MODES[mode_label])
+        if name is not None:
+            rows.append(name)
+    if oracle:
+        rows.append("oracle")
+    return tuple(dict.fromkeys(rows))
+
+
+def check_budget(num_images: int, methods: tuple[str, ...], steps: int) -> int:
+    """num_images × method rows × steps must stay within MAX_IMAGE_STEPS (the documented CPU cap)."""
+    work = int(num_images) * len(methods) * int(steps)
+    if work > MAX_IMAGE_STEPS:
+        raise ConfigError(
+            "num_images",
+            f"{num_images} images × {len(methods)} methods × {steps} steps = {work} image-steps",
+            f"at most {MAX_IMAGE_STEPS} image-steps on this CPU (fewer images, steps or methods)",
+        )
+    return work
+
+
+def build_config(model: str, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                 mean: bool = True, variance: bool = True, modes=("S-D²", "D-D²"), ptqd: bool = True, oracle: bool = False,
+                 calib_samples=128, granularity: str = "channel") -> CompareConfig:
+    """Widget values → a validated-enough CompareConfig (the core validates the rest). Raises ConfigError."""
+    summary = describe_model(model)
+    if not summary.ok:
+        raise ConfigError("model", summary.spec, summary.message)
+    steps = check_int_range("steps", steps, 1, MAX_UI_STEPS)
+    num_images = check_int_range("num_images", num_images, 1, MAX_IMAGES)
+    calib_samples = check_int_range("calib_samples", calib_samples, 2, MAX_CALIB_SAMPLES)
+    methods = methods_from_switches(mean, variance, modes, ptqd, oracle)
+    check_budget(num_images, methods, steps)
+    if guidance is None or (isinstance(guidance, float) and math.isnan(guidance)) or not summary.conditional:
+        guidance = None  # unconditional models sample without guidance (the control is hidden for them)
+    return CompareConfig(
+        model=summary.spec,
+        w_bits=_int_or_raw(w_bits),
+        a_bits=_int_or_raw(a_bits),
+        steps=steps,
+        eta=eta,
+        guidance=guidance,
+        class_label=parse_class(class_choice, summary.conditional),
+        methods=methods,
+        seed=_int_or_raw(seed),
+        num_images=num_images,
+        calib_samples=calib_samples,
+        granularity=granularity,
+    )
+
+
+def _int_or_raw(value):
+    """Sliders and number boxes send 4.0 for 4; keep anything else as given for the core to reject."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# -- what a run shows
+
+SOURCE_TEXT = {
+    "shipped": "shipped statistics (precomputed, instant)",
+    "cache": "statistics from this server's cache",
+    "calibrated": "statistics calibrated just now (cached for the next visitor)",
+}
+
+
+def run_title(result: ComparisonResult) -> str:
+    cfg = result.config
+    return (f"{result.model.name}  W{cfg.w_bits}A{cfg.a_bits}  {cfg.steps} steps  η={cfg.eta:g}"
+            + (f"  guidance {cfg.guidance:g}" if result.model.conditional else "") + f"  seed {cfg.seed}")
+
+
+def column_titles(result: ComparisonResult) -> list[str] | None:
+    names = result.model.class_names
+    if result.labels is None or not names:
+        return None
+    return [names[i] for i in result.labels.tolist()]
+
+
+def final_grid(result: ComparisonResult):
+    """Rows FP | quantized | corrections, each correction with its heat-map row against FP."""
+    return comparison_grid(result.samples, result.model.kind, column_titles=column_titles(result), title=run_title(result),
+                           differences=True)
+
+
+def progress_grid(x0: dict, kind: str, step: int, total: int):
+    return comparison_grid(x0, kind, title=f"sampling… step {step}/{total}: each method's predicted x₀")
+
+
+def metrics_display(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The metrics table as students read it: rounded, named columns, FP's PSNR as '—'."""
+    rows = []
+    for _, r in metrics.iterrows():
+        fp = r["method"] == "fp"
+        psnr = "—" if fp or not math.isfinite(r["psnr_to_fp"]) else f"{r['psnr_to_fp']:.2f} ± {r['psnr_std']:.2f}"
+        rows.append({
+            "method": r["label"],
+            "bits": r["bits"],
+            "PSNR to FP (dB)": psnr,
+            "MSE to FP": f"{r['mse_to_fp']:.2e}" if not fp else "0",
+            "size (MB)": f"{r['size_mb']:.3f}",
+            "GBOPs": f"{r['gbops']:.3f}",
+            "compression ×": f"{r['compression']:.2f}",
+            "BOP ratio ×": f"{r['bop_ratio']:.2f}",
+        })
+    return pd.DataFrame(rows)
+
+
+def efficiency_line(result: ComparisonResult) -> str:
+    e = result.efficiency.as_dict()
+    return (f"Model size {e.get('fp_size_mb', 0):.2f} → {e.get('q_size_mb', 0):.2f} MB ({e.get('compression', 0):.2f}× smaller); "
+            f"BOPs {e.get('fp_gbops', 0):.3f} → {e.get('q_gbops', 0):.3f} G per image per step ({e.get('bop_ratio', 0):.1f}× fewer).")
+
+
+def summary_markdown(result: ComparisonResult, seconds: float | None = None) -> str:
+    best = result.metrics[result.metrics["method"] != "fp"].sort_values("psnr_to_fp", ascending=False)
+    lines = [f"**{run_title(result)}**, {SOURCE_TEXT.get(result.stats_source, 'statistics from ' + str(result.stats_source))}"
+             + (f", {seconds:.1f} s." if seconds is not None else ".")]
+    if len(best) and result.model.kind == "image":
+        top = best.iloc[0]
+        q = result.metrics[result.metrics["method"] == "q"]
+        if len(q):
+            lines.append(f"Closest to FP: **{top['label']}** ({top['psnr_to_fp']:.2f} dB) vs the uncorrected quantized model "
+                         f"({float(q['psnr_to_fp'].iloc[0]):.2f} dB).")
+    lines.append(efficiency_line(result))
+    return "  \n".join(lines)
+
+
+def write_downloads(result: ComparisonResult, folder: Path) -> list[Path]:
+    """The grid PNG and the per-step tables as CSV (the files `d2dpm compare --out` writes, same names)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "grid.png": lambda p: final_grid(result).save(p),
+        "metrics.csv": lambda p: result.metrics.to_csv(p, index=False),
+        "per_image.csv": lambda p: result.per_image.to_csv(p, index=False),
+        "trajectory.csv": lambda p: result.trajectory.to_csv(p, index=False),
+        "stats.csv": lambda p: result.stats_table.to_csv(p, index=False),
+        "run.json": lambda p: p.write_text(json.dumps(result.run_info(), indent=2)),
+    }
+    paths = []
+    for name, write in files.items():
+        path = folder / name
+        write(path)
+        paths.append(path)
+    return paths
+
+
+def step_caption(result: ComparisonResult, step: int) -> str:
+    t = result.records[step][next(iter(result.records[step]))].t
+    rows = result.trajectory[result.trajectory["step"] == step]
+    parts = [f"{method_label(r['method'])} {r['rmse_x0']:.3f}" for _, r in rows.iterrows() if r["method"] != "fp"]
+    return f"Step {step + 1}/{len(result.records)} (t = {t}). RMSE of predicted x₀ to FP: " + ", ".join(parts)
+
+
+def stats_caption(result: ComparisonResult, step: int) -> str:
+    row = result.stats_table.iloc[step]
+    absorbed = "absorbed into σ_t'" if bool(row["variance_absorbed"]) else "not absorbable (σ_t too small: D-D² only removes the mean here)"
+    return (f"Step {step + 1} (t = {int(row['t'])}): μ_Δ = {row['mu_delta']:.4f}, σ_Δ = {row['sigma_delta']:.4f}, ρ = {row['rho']:.3f}, "
+            f"σ_cond = {row['sigma_cond']:.4f}; residual variance {absorbed}.")
+
+
+def method_legend() -> str:
+    return "\n".join(f"- **{m.label}**: {m.description}" for m in METHODS.values())

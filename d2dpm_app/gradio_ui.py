@@ -1,0 +1,254 @@
+"""The Gradio app: four tabs (Compare, Deviation curves, Trajectories, Method) over one comparison.
+
+Every event has an `api_name`, so `gradio_client` can drive the whole flow:
+`/model_info`, `/preset`, `/compare` (streams predicted x₀, then the results), `/views`,
+`/deviation_step`, `/trajectory_step`. Bad input raises `gr.Error` with the core's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import gradio as gr
+
+from d2dpm import figures, teaching
+from d2dpm.errors import ConfigError
+from d2dpm.experiment import MAX_IMAGES, ComparisonResult, CompareProgress, default_workbench
+
+from . import common
+
+log = logging.getLogger(__name__)
+
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
+
+CSS = """
+.gradio-container {max-width: 1400px !important; margin: auto;}
+#title h1 {margin-bottom: 0.1em;}
+#title p {color: var(--body-text-color-subdued); margin-top: 0;}
+#run-button {font-size: 1.1em;}
+#samples img {image-rendering: pixelated;}
+#x0-step img {image-rendering: pixelated;}
+.method-chip {display: inline-block; padding: 1px 8px; margin: 2px 4px 2px 0; border-radius: 10px; color: white; font-size: 0.85em;}
+footer {display: none !important;}
+"""
+
+
+def theme():
+    # system fonts only: a Space visitor's browser may fetch web fonts, but the tests run offline
+    return gr.themes.Soft(primary_hue="blue", secondary_hue="orange", neutral_hue="slate",
+                          font=["Inter", "DejaVu Sans", "ui-sans-serif", "sans-serif"],
+                          font_mono=["DejaVu Sans Mono", "ui-monospace", "monospace"])
+
+
+def _chips() -> str:
+    main = ["fp", "q", "ptqd", "s-d2", "d-d2", "mean-only", "var-only", "oracle"]
+    return " ".join(f'<span class="method-chip" style="background:{figures.method_color(m)}">{figures.method_label(m)}</span>' for m in main)
+
+
+# -- event handlers (plain functions: the tests call them too)
+
+def model_info(spec: str):
+    """Model box changed: say what the model is; show guidance and class only for conditional models."""
+    summary = common.describe_model(spec)
+    message = summary.message if summary.ok else f"⚠️ {summary.message}"
+    choices = summary.class_choices() if summary.conditional else [common.ALL_CLASSES]
+    return (
+        message,
+        gr.Slider(visible=summary.conditional),
+        gr.Dropdown(choices=choices, value=common.ALL_CLASSES, visible=summary.conditional),
+    )
+
+
+def preset_bits(preset: str):
+    if preset in common.PRESETS:
+        w, a = common.PRESETS[preset]
+        return gr.Slider(value=w), gr.Slider(value=a)
+    return gr.Slider(), gr.Slider()
+
+
+def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                mean, variance, modes, ptqd, oracle, calib_samples, granularity, progress=gr.Progress()):
+    """Stream the predicted x₀ of every method after each step, then the results.
+
+    Outputs: samples image, summary markdown, metrics table, downloads, state.
+    """
+    try:
+        config = common.build_config(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                                     mean, variance, modes, ptqd, oracle, calib_samples, granularity)
+        kind = common.describe_model(config.model).kind
+        start = time.perf_counter()
+
+        def report(fraction: float, message: str) -> None:
+            progress(fraction, desc=f"calibrating the noise model: {message}")
+
+        result = None
+        for event in default_workbench().iter_compare(config, progress=report):
+            if isinstance(event, CompareProgress):
+                progress(event.step / event.total, desc=f"sampling: step {event.step}/{event.total}")
+                yield (common.progress_grid(event.x0, kind, event.step, event.total),
+                       f"Sampling… step {event.step} of {event.total}", gr.skip(), gr.skip(), gr.skip())
+            else:
+                result = event
+        assert isinstance(result, ComparisonResult)
+        seconds = time.perf_counter() - start
+        folder = tempfile.mkdtemp(prefix="d2dpm_")
+        files = [str(p) for p in common.write_downloads(result, folder)]
+        yield (common.final_grid(result), common.summary_markdown(result, seconds), common.metrics_display(result.metrics),
+               files, result)
+    except ConfigError as error:
+        raise gr.Error(str(error), title="Please check the settings") from None
+    except gr.Error:
+        raise
+    except Exception as error:  # keep serving; log the trace for the operator, show one line to the visitor
+        log.exception("comparison failed")
+        raise gr.Error(f"The comparison failed: {type(error).__name__}: {error}", title="Something went wrong") from None
+
+
+def refresh_views(result: ComparisonResult | None):
+    """After a run: the Deviation curves and Trajectories tabs (figures, sliders, step views)."""
+    if result is None:
+        return (gr.skip(),) * 11
+    steps = len(result.records)
+    mid = steps // 2
+    last = steps - 1
+    points = result.model.kind == "points"
+    return (
+        figures.deviation_figure(result.stats_table, title=f"Per-step quantization noise: {common.run_title(result)}"),
+        gr.Slider(minimum=1, maximum=steps, value=mid + 1, step=1, interactive=True),
+        figures.delta_histogram_figure(result.stats, mid),
+        figures.joint_density_figure(result.stats, mid),
+        common.stats_caption(result, mid),
+        figures.trajectory_figure(result.trajectory),
+        figures.moments_figure(result.trajectory),
+        gr.Slider(minimum=1, maximum=steps, value=steps, step=1, interactive=True),
+        figures.step_images(result, last),
+        common.step_caption(result, last),
+        gr.Plot(value=figures.particles_figure(result) if points else None, visible=points),
+    )
+
+
+def _step_index(result: ComparisonResult, step) -> int:
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        raise gr.Error(f"step: got {step!r}; allowed: an integer from 1 to {len(result.records)}") from None
+    if not 1 <= step <= len(result.records):
+        raise gr.Error(f"step: got {step}; allowed: an integer from 1 to {len(result.records)}")
+    return step - 1
+
+
+def deviation_step(result: ComparisonResult | None, step):
+    if result is None:
+        raise gr.Error("Run a comparison first (Compare tab).")
+    index = _step_index(result, step)
+    return figures.delta_histogram_figure(result.stats, index), figures.joint_density_figure(result.stats, index), common.stats_caption(result, index)
+
+
+def trajectory_step(result: ComparisonResult | None, step):
+    if result is None:
+        raise gr.Error("Run a comparison first (Compare tab).")
+    index = _step_index(result, step)
+    return figures.step_images(result, index), common.step_caption(result, index)
+
+
+# -- layout
+
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="D²-DPM: quantized diffusion, repaired") as demo:
+        state = gr.State(None)
+        gr.Markdown(
+            "# D²-DPM: what quantization does to diffusion sampling, and how dual denoising repairs it\n"
+            "Quantize a diffusion model's noise predictor to a few bits, sample from the *same* noise with full precision, "
+            "the quantized model and each correction, and watch where the trajectories part. "
+            f"[Paper]({common.PAPER_URL}) · [official code]({common.CODE_URL})",
+            elem_id="title",
+        )
+        with gr.Tabs():
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
+                        model = gr.Dropdown(common.MODEL_CHOICES, value=common.DEFAULT_MODEL, allow_custom_value=True, label="Model",
+                                            info="emoji, fashion, toy2d, or a diffusers model folder / hub id", elem_id="model")
+                        model_msg = gr.Markdown(elem_id="model-info")
+                        with gr.Group():
+                            preset = gr.Radio(list(common.PRESETS), value=common.DEFAULT_PRESET, label="Bit-width preset",
+                                              info="weights / activations; or set any W2–8 / A4–8 below")
+                            with gr.Row():
+                                w_bits = gr.Slider(2, 8, value=common.PRESETS[common.DEFAULT_PRESET][0], step=1, label="Weight bits")
+                                a_bits = gr.Slider(4, 8, value=common.PRESETS[common.DEFAULT_PRESET][1], step=1, label="Activation bits")
+                        with gr.Group():
+                            with gr.Row():
+                                steps = gr.Slider(1, common.MAX_UI_STEPS, value=20, step=1, label="DDIM steps")
+                                eta = gr.Slider(0, 1, value=0.0, step=0.05, label="η", info="0 = deterministic DDIM, 1 = DDPM-like")
+                            guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance scale", visible=False,
+                                                 info="classifier-free guidance")
+                            class_choice = gr.Dropdown([common.ALL_CLASSES], value=common.ALL_CLASSES, label="Class", visible=False)
+                            with gr.Row():
+                                seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                                num_images = gr.Slider(1, min(MAX_IMAGES, 32), value=8, step=1, label="Images")
+                        with gr.Group():
+                            gr.Markdown("**Corrections** (FP and the uncorrected quantized model are always shown)")
+                            with gr.Row():
+                                mean = gr.Checkbox(True, label="Mean correction", info="subtract μ_cond(ε̂)")
+                                variance = gr.Checkbox(True, label="Variance correction", info="remove σ_cond")
+                            modes = gr.CheckboxGroup(list(common.MODES), value=list(common.MODES), label="Mode",
+                                                     info="S-D²: subtract a noise draw · D-D²: absorb into σ_t'")
+                            with gr.Row():
+                                ptqd = gr.Checkbox(True, label="PTQD baseline row")
+                                oracle = gr.Checkbox(False, label="Oracle row", info="subtracts the true Δ")
+                        with gr.Accordion("Advanced", open=False):
+                            calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=128, step=1, label="Calibration trajectories",
+                                                      info="used when no shipped or cached statistics match")
+                            granularity = gr.Radio(["channel", "tensor"], value="channel", label="Noise model granularity")
+                            gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
+                        run = gr.Button("Run comparison", variant="primary", elem_id="run-button")
+                    with gr.Column(scale=3):
+                        samples = gr.Image(label="Samples: FP | quantized | corrections (heat-maps: |x − FP|)", type="pil",
+                                           format="png", interactive=False, elem_id="samples", buttons=["download", "fullscreen"])
+                        summary = gr.Markdown("Press **Run comparison**. Every row starts from the same noise.", elem_id="summary")
+                        metrics = gr.Dataframe(label="Metrics (PSNR/MSE to the FP samples; efficiency: size, BOPs)", interactive=False,
+                                               elem_id="metrics", wrap=True)
+                        downloads = gr.File(label="Downloads: grid PNG, per-step CSVs, run.json", file_count="multiple",
+                                            interactive=False, elem_id="downloads")
+                        gr.Markdown("Colours used in every plot: " + _chips())
+            with gr.Tab("Deviation curves", id="deviation"):
+                gr.Markdown("How big is the quantization noise Δ at each step, how correlated with what the quantized model outputs, "
+                            "and how much of it D-D² can absorb (grey: steps where it cannot, all of them at η = 0).")
+                deviation_plot = gr.Plot(label="Per-step noise model", elem_id="deviation-plot")
+                dev_step = gr.Slider(1, 20, value=10, step=1, label="Step for the paper's Figure 2")
+                dev_caption = gr.Markdown()
+                with gr.Row():
+                    hist_plot = gr.Plot(label="Histogram of Δ with Gaussian fit", elem_id="hist-plot")
+                    joint_plot = gr.Plot(label="Joint density of (ε̂, Δ) with the conditional mean", elem_id="joint-plot")
+            with gr.Tab("Trajectories", id="trajectories"):
+                gr.Markdown("Distance of each method's sampling trajectory to the full-precision one, step by step.")
+                traj_plot = gr.Plot(label="RMSE to FP", elem_id="traj-plot")
+                moments_plot = gr.Plot(label="Mean and std of x_t", elem_id="moments-plot")
+                particles_plot = gr.Plot(label="Particles over the data density (toy2d)", visible=False, elem_id="particles-plot")
+                traj_step = gr.Slider(1, 20, value=20, step=1, label="Step: predicted x₀ of every method")
+                traj_caption = gr.Markdown()
+                x0_image = gr.Image(label="Predicted x₀ at the chosen step", type="pil", format="png", interactive=False, elem_id="x0-step")
+            with gr.Tab("Method", id="method"):
+                gr.Markdown(teaching.method_page_markdown(), latex_delimiters=LATEX, elem_id="method-text")
+
+        model.change(model_info, model, [model_msg, guidance, class_choice], api_name="model_info")
+        demo.load(model_info, model, [model_msg, guidance, class_choice], api_name="model_info_on_load")
+        preset.change(preset_bits, preset, [w_bits, a_bits], api_name="preset")
+        controls = [model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                    mean, variance, modes, ptqd, oracle, calib_samples, granularity]
+        view_outputs = [deviation_plot, dev_step, hist_plot, joint_plot, dev_caption, traj_plot, moments_plot,
+                        traj_step, x0_image, traj_caption, particles_plot]
+        run.click(run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare",
+                  concurrency_limit=2).success(refresh_views, state, view_outputs, api_name="views")
+        dev_step.release(deviation_step, [state, dev_step], [hist_plot, joint_plot, dev_caption], api_name="deviation_step")
+        traj_step.release(trajectory_step, [state, traj_step], [x0_image, traj_caption], api_name="trajectory_step")
+    return demo
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO)
+    demo = build_demo()
+    demo.queue(default_concurrency_limit=2, max_size=32)
+    demo.launch(theme=theme(), css=CSS, show_error=True)

@@ -1,0 +1,277 @@
+"""The Streamlit app: the Compare page (home) and the helpers the pages in pages/ share.
+
+`streamlit run app.py` calls `run_app()`, which declares the navigation (Compare, Deviation
+curves, Trajectories, Method). The latest comparison lives in `st.session_state["result"]`;
+finished comparisons are kept in a small store shared by all visitors (`st.cache_resource`),
+keyed by the full configuration, so a repeated setting is instant.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import streamlit as st
+
+from d2dpm import figures, teaching
+from d2dpm.errors import ConfigError
+from d2dpm.experiment import MAX_IMAGES, CompareConfig, ComparisonResult, CompareProgress, default_workbench
+
+from . import common
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ROOT / "pages"
+RESULT_KEY = "result"
+CONFIG_KEY = "config"
+STORE_SIZE = 16
+OTHER_MODEL = "other: a folder or hub id…"
+
+
+def run_app() -> None:
+    """Entry point of `streamlit run app.py`: page config, navigation, the chosen page."""
+    st.set_page_config(page_title="D²-DPM demo", page_icon="🎛️", layout="wide")
+    navigation = st.navigation(
+        [
+            st.Page(compare_page, title="Compare", icon="🖼️", default=True, url_path="compare"),
+            st.Page(str(PAGES / "1_Deviation_curves.py"), title="Deviation curves", icon="📈", url_path="deviation"),
+            st.Page(str(PAGES / "2_Trajectories.py"), title="Trajectories", icon="🧭", url_path="trajectories"),
+            st.Page(str(PAGES / "3_Method.py"), title="Method", icon="📐", url_path="method"),
+        ]
+    )
+    navigation.run()
+
+
+# -- shared store of finished comparisons (results are read-only once made)
+
+class _Store:
+    def __init__(self, size: int):
+        self.size, self.lock, self.items = size, threading.Lock(), OrderedDict()
+
+    def get(self, config: CompareConfig) -> ComparisonResult | None:
+        with self.lock:
+            if config in self.items:
+                self.items.move_to_end(config)
+                return self.items[config]
+            return None
+
+    def put(self, config: CompareConfig, result: ComparisonResult) -> None:
+        with self.lock:
+            self.items[config] = result
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+@st.cache_resource(show_spinner=False)
+def result_store() -> _Store:
+    return _Store(STORE_SIZE)
+
+
+def run_comparison(config: CompareConfig, image_slot=None, kind: str = "image") -> ComparisonResult:
+    """Run (or fetch from the store) one comparison, streaming the predicted x₀ into `image_slot`
+    and showing calibration and sampling progress. Raises ConfigError on bad input."""
+    store = result_store()
+    cached = store.get(config)
+    if cached is not None:
+        return cached
+    bar = st.progress(0.0, text="starting…")
+
+    def report(fraction: float, message: str) -> None:
+        bar.progress(min(max(fraction, 0.0), 1.0), text=f"calibrating the noise model: {message}")
+
+    result = None
+    try:
+        for event in default_workbench().iter_compare(config, progress=report):
+            if isinstance(event, CompareProgress):
+                bar.progress(event.step / event.total, text=f"sampling: step {event.step}/{event.total}")
+                if image_slot is not None:
+                    image_slot.image(common.progress_grid(event.x0, kind, event.step, event.total))
+            else:
+                result = event
+    finally:
+        bar.empty()
+    store.put(config, result)
+    return result
+
+
+def current_result() -> ComparisonResult | None:
+    return st.session_state.get(RESULT_KEY)
+
+
+def result_or_prompt() -> ComparisonResult | None:
+    """The latest comparison; else an invitation to run one (here, with the last settings or the defaults)."""
+    result = current_result()
+    if result is not None:
+        return result
+    st.info("No comparison yet. Run one on the **Compare** page, or run the default comparison here.")
+    if st.button("Run the default comparison", type="primary", key="run_default"):
+        config = st.session_state.get(CONFIG_KEY) or default_config()
+        if config is None:
+            return None
+        try:
+            kind = common.describe_model(config.model).kind
+            result = run_comparison(config, st.empty(), kind)
+        except ConfigError as error:
+            st.error(str(error))
+            return None
+        st.session_state[RESULT_KEY] = result
+        return result
+    return None
+
+
+def default_config() -> CompareConfig | None:
+    try:
+        return common.build_config(common.DEFAULT_MODEL, *common.PRESETS[common.DEFAULT_PRESET], 20, 0.0, 3.0, None, 0, 8)
+    except ConfigError as error:
+        st.error(str(error))
+        return None
+
+
+def run_caption(result: ComparisonResult) -> None:
+    st.caption(f"Showing: {common.run_title(result)} · {common.SOURCE_TEXT.get(result.stats_source, result.stats_source)}")
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- the pages
+
+def compare_page() -> None:
+    st.title("D²-DPM: quantized diffusion, repaired")
+    st.markdown(
+        "Quantize a diffusion model's noise predictor to a few bits, then sample from the **same noise** with full precision (FP), "
+        "the quantized model, and each correction. Watch where the trajectories part, and how much dual denoising brings back. "
+        f"[Paper]({common.PAPER_URL}) · [official code]({common.CODE_URL})"
+    )
+    with st.sidebar:
+        st.header("Settings")
+        choices = [*common.MODEL_CHOICES, OTHER_MODEL]
+        default = common.DEFAULT_MODEL if common.DEFAULT_MODEL in common.MODEL_CHOICES else OTHER_MODEL
+        choice = st.selectbox("Model", choices, index=choices.index(default), key="model_choice",
+                              help="the embedded models, or any diffusers model folder / hub id")
+        model = choice
+        if choice == OTHER_MODEL:
+            model = st.text_input("Model folder or hub id", value="" if default != OTHER_MODEL else common.DEFAULT_MODEL,
+                                  key="model_path", placeholder="path/to/diffusers/folder or owner/name")
+        summary = common.describe_model(model)
+        if summary.ok:
+            st.caption(summary.message.replace("**", ""))
+        else:
+            st.warning(summary.message)
+        preset = st.radio("Bit-width preset", [*common.PRESETS, "custom"], index=list(common.PRESETS).index(common.DEFAULT_PRESET),
+                          horizontal=True, key="preset", help="weights / activations")
+        w0, a0 = common.PRESETS.get(preset, common.PRESETS[common.DEFAULT_PRESET])
+        custom = preset == "custom"
+        col_w, col_a = st.columns(2)
+        w_bits = col_w.slider("Weight bits", 2, 8, w0, disabled=not custom, key=f"w_bits_{preset}")
+        a_bits = col_a.slider("Activation bits", 4, 8, a0, disabled=not custom, key=f"a_bits_{preset}")
+        col_s, col_e = st.columns(2)
+        steps = col_s.slider("DDIM steps", 1, common.MAX_UI_STEPS, 20, key="steps")
+        eta = col_e.slider("η", 0.0, 1.0, 0.0, 0.05, key="eta", help="0 = deterministic DDIM, 1 = DDPM-like")
+        guidance, class_choice = None, None
+        if summary.ok and summary.conditional:
+            guidance = st.slider("Guidance scale", 0.0, 10.0, 3.0, 0.5, key="guidance", help="classifier-free guidance")
+            class_choice = st.selectbox("Class", summary.class_choices(), key="class_choice")
+        col_seed, col_n = st.columns(2)
+        seed = col_seed.number_input("Seed", 0, 2**31 - 1, 0, step=1, key="seed")
+        num_images = col_n.slider("Images", 1, min(MAX_IMAGES, 32), 8, key="num_images")
+        st.subheader("Corrections")
+        st.caption("FP and the uncorrected quantized model are always shown.")
+        col_m, col_v = st.columns(2)
+        mean = col_m.toggle("Mean", True, key="mean", help="subtract μ_cond(ε̂)")
+        variance = col_v.toggle("Variance", True, key="variance", help="remove σ_cond")
+        modes = st.multiselect("Mode", list(common.MODES), default=list(common.MODES), key="modes",
+                               help="S-D²: subtract a draw of the noise · D-D²: absorb it into σ_t'")
+        col_p, col_o = st.columns(2)
+        ptqd = col_p.checkbox("PTQD row", True, key="ptqd")
+        oracle = col_o.checkbox("Oracle row", False, key="oracle", help="subtracts the true Δ: an upper bound")
+        with st.expander("Advanced"):
+            calib_samples = st.slider("Calibration trajectories", 2, common.MAX_CALIB_SAMPLES, 128, key="calib_samples",
+                                      help="used when no shipped or cached statistics match")
+            granularity = st.radio("Noise model granularity", ["channel", "tensor"], horizontal=True, key="granularity")
+            st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
+        run = st.button("Run comparison", type="primary", width="stretch", key="run")
+
+    slot = st.empty()
+    if run:
+        try:
+            config = common.build_config(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                                         mean, variance, modes, ptqd, oracle, calib_samples, granularity)
+            start = time.perf_counter()
+            result = run_comparison(config, slot, summary.kind)
+            st.session_state[RESULT_KEY] = result
+            st.session_state[CONFIG_KEY] = config
+            st.session_state["seconds"] = time.perf_counter() - start
+        except ConfigError as error:
+            st.error(f"Please check the settings: {error}")
+        except Exception as error:  # keep serving: one line for the visitor, no traceback
+            st.error(f"The comparison failed: {type(error).__name__}: {error}")
+
+    result = current_result()
+    if result is None:
+        slot.info("Choose the settings in the sidebar and press **Run comparison**. Every row starts from the same noise.")
+        return
+    grid = common.final_grid(result)
+    slot.image(grid, caption="Rows: FP | quantized | corrections; under each, |x − FP| (white = same as FP).")
+    st.markdown(common.summary_markdown(result, st.session_state.get("seconds")))
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Metrics")
+        st.dataframe(common.metrics_display(result.metrics), hide_index=True, width="stretch")
+    with right:
+        if result.model.kind == "image":
+            st.plotly_chart(figures.metrics_figure(result.metrics), width="stretch", key="metrics_chart")
+    st.subheader("Downloads")
+    cols = st.columns(5)
+    cols[0].download_button("grid.png", _png(grid), "grid.png", "image/png", key="dl_grid")
+    for col, (name, table) in zip(cols[1:], [("metrics.csv", result.metrics), ("trajectory.csv", result.trajectory),
+                                             ("stats.csv", result.stats_table), ("per_image.csv", result.per_image)]):
+        col.download_button(name, table.to_csv(index=False).encode(), name, "text/csv", key=f"dl_{name}")
+    st.caption("More views of this run: **Deviation curves**, **Trajectories** (sidebar).")
+
+
+def deviation_page() -> None:
+    st.title("Deviation curves")
+    st.markdown("How big the quantization noise Δ is at each step, how correlated with the quantized output ε̂, "
+                "and how much of it D-D² can absorb (grey: steps where it cannot; all of them at η = 0).")
+    result = result_or_prompt()
+    if result is None:
+        return
+    run_caption(result)
+    st.plotly_chart(figures.deviation_figure(result.stats_table), width="stretch", key="deviation_chart")
+    steps = len(result.records)
+    st.subheader("The paper's Figure 2 on this model")
+    step = st.slider("Step", 1, steps, steps // 2 + 1, key="deviation_step") - 1
+    st.markdown(common.stats_caption(result, step))
+    left, right = st.columns(2)
+    left.plotly_chart(figures.delta_histogram_figure(result.stats, step), width="stretch", key="hist_chart")
+    right.plotly_chart(figures.joint_density_figure(result.stats, step), width="stretch", key="joint_chart")
+    with st.expander("The per-step table"):
+        st.dataframe(result.stats_table, hide_index=True, width="stretch")
+
+
+def trajectories_page() -> None:
+    st.title("Trajectories")
+    st.markdown("Distance of each method's sampling trajectory to the full-precision one, step by step.")
+    result = result_or_prompt()
+    if result is None:
+        return
+    run_caption(result)
+    st.plotly_chart(figures.trajectory_figure(result.trajectory), width="stretch", key="trajectory_chart")
+    st.plotly_chart(figures.moments_figure(result.trajectory), width="stretch", key="moments_chart")
+    if result.model.kind == "points":
+        st.plotly_chart(figures.particles_figure(result), width="stretch", key="particles_chart")
+    steps = len(result.records)
+    step = st.slider("Step: predicted x₀ of every method", 1, steps, steps, key="trajectory_step") - 1
+    st.markdown(common.step_caption(result, step))
+    st.image(figures.step_images(result, step))
+
+
+def method_page() -> None:
+    st.title("Method")
+    st.markdown(teaching.method_page_markdown())
