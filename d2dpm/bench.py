@@ -1,0 +1,394 @@
+"""`d2dpm bench`: speed and memory figures of one run, printed as one JSON object.
+
+Every time is the median of `--repeats` runs after `--warmup` unmeasured ones:
+
+- forward: one guided noise prediction (FP vs quantized network) on the batch a comparison of
+  8 images runs, and their ratio;
+- sampler_step: one DDIM step driven by the quantized network with no correction vs with each
+  correction (the correction's overhead ratio), and the correction alone;
+- compare: one full `Workbench.compare` of fp, q, ptqd, s-d2, d-d2 (8 images, 20 steps);
+- calibration: calibrating one configuration's quantizer and noise statistics;
+- app_cold_start: `python app.py` on a free 127.0.0.1 port, process start to first answered HTTP
+  request (skipped, with a note, when app.py is absent);
+- peak_rss_mb: peak resident memory of this process;
+- gpu (CUDA only): images/s of the FP and the quantized sampler at batch 256, for the model and
+  for a UNet2DModel with the configuration of google/ddpm-cifar10-32 (random weights).
+
+Figures are measured, never asserted: the targets of issue 5 are printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPARE_METHODS = ("fp", "q", "ptqd", "s-d2", "d-d2")
+CORRECTIONS = ("ptqd", "s-d2", "d-d2", "mean-only", "var-only")
+TARGETS = {
+    "forward_ratio_max": 1.5,
+    "correction_overhead_ratio_max": 1.05,
+    "compare_seconds_max": 5.0,
+    "calibration_seconds_max": 60.0,
+    "app_cold_start_seconds_max": 15.0,
+    "gpu_quantized_over_fp_throughput_min": 0.5,
+}
+# google/ddpm-cifar10-32's UNet2DModel configuration (35.7M parameters); weights are random here.
+DDPM_CIFAR10_CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    act_fn="silu",
+    attention_head_dim=None,
+    center_input_sample=False,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1,
+    time_embedding_type="positional",
+)
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int, device: str = "cpu") -> dict:
+    """Median (and min, max) seconds of `repeats` calls after `warmup` unmeasured ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def app_cold_start(timeout: float = 120.0, python: str = sys.executable, app: Path | None = None) -> dict:
+    """Start `python app.py` on a free local port; seconds until the first HTTP answer.
+
+    The port is passed as GRADIO_SERVER_PORT (and PORT), the address as GRADIO_SERVER_NAME."""
+    app = Path(app) if app is not None else REPO_ROOT / "app.py"
+    if not app.is_file():
+        return {"seconds": None, "note": "app.py is absent: cold start not measured"}
+    port = _free_port()
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), PORT=str(port),
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty app can never block on it
+    start = time.perf_counter()
+    process = subprocess.Popen([python, str(app)], cwd=str(app.parent), env=env, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while time.perf_counter() - start < timeout:
+            if process.poll() is not None:
+                log.seek(0)
+                error = log.read().decode(errors="replace")[-400:]
+                return {"seconds": None, "note": f"app.py exited with {process.returncode} before answering: {error.strip()}"}
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    status = response.status
+            except urllib.error.HTTPError as error:  # an HTTP error is still an answer
+                status = error.code
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.1)
+                continue
+            return {"seconds": time.perf_counter() - start, "status": status, "port": port, "command": "python app.py"}
+        return {"seconds": None, "note": f"no HTTP answer on port {port} within {timeout:.0f} s"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _model_folder_ddpm_cifar10(folder: Path) -> Path:
+    """A d2dpm model folder with a randomly initialised UNet2DModel of ddpm-cifar10-32's configuration."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    UNet2DModel(**DDPM_CIFAR10_CONFIG).save_pretrained(folder / "unet")
+    DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False).save_pretrained(folder / "scheduler")
+    meta = {"name": "ddpm-cifar10-32-config-random", "kind": "image", "network_class": "UNet2DModel", "network_subfolder": "unet",
+            "sample_shape": [3, 32, 32], "num_classes": None}
+    (folder / "d2dpm_model.json").write_text(json.dumps(meta))
+    return folder
+
+
+def sampler_throughput(workbench, model_spec: str, batch: int, steps: int, guidance, repeats: int, warmup: int, calib_samples: int) -> dict:
+    """Images/s of the FP-only and the quantized-only DDIM sampler at `batch`."""
+    from .corrections import Correction
+    from .experiment import CompareConfig
+    from .models import NoisePredictor
+    from .sampler import SamplerNoise, Track, sample
+    from .schedule import DDIMSchedule
+
+    model = workbench.model(model_spec)
+    config = CompareConfig(model=model_spec, steps=steps, guidance=guidance, calib_samples=calib_samples).validated(model)
+    stats, _ = workbench.statistics(model, config.stats_config(model))
+    predictors = {"fp": NoisePredictor(model.network, model.num_classes),
+                  "q": NoisePredictor(workbench.quantized_network(model, stats), model.num_classes)}
+    schedule = DDIMSchedule(model.scheduler_config, steps, config.eta)
+    noise = SamplerNoise.draw(batch, model.sample_shape, steps, 0, workbench.device)
+    labels = (torch.arange(batch) % model.num_classes).to(workbench.device) if model.conditional else None
+    out = {"batch": batch, "steps": steps, "guidance": config.guidance, "w_bits": config.w_bits, "a_bits": config.a_bits}
+    for network in ("fp", "q"):
+        def run():
+            for _ in sample(schedule, predictors, [Track(network, network, Correction())], noise, labels, config.guidance):
+                pass
+
+        timing = timed(run, repeats, warmup, workbench.device)
+        out[f"{network}_images_per_s"] = batch / timing["median_s"]
+        out[f"{network}_seconds"] = timing["median_s"]
+    out["q_over_fp_throughput"] = out["q_images_per_s"] / out["fp_images_per_s"]
+    return out
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from .calibration import calibrate
+    from .corrections import Correction, make_correction
+    from .experiment import CompareConfig, Workbench
+    from .models import NoisePredictor
+    from .schedule import DDIMSchedule
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            torch.set_num_interop_threads(args.threads)
+        except RuntimeError:  # only settable before the first parallel work of the process
+            pass
+    repeats, warmup = args.repeats, args.warmup
+    calib_samples = args.calib_samples
+    cache = tempfile.TemporaryDirectory(prefix="d2dpm-bench-")
+    workbench = Workbench(cache_dir=Path(cache.name), device=args.device)
+    device = workbench.device
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "d2dpm bench " + " ".join(sys.argv[1:]) if args.record_argv else None,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average_1m_at_start": os.getloadavg()[0],  # other processes on the machine skew CPU figures
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": args.model,
+        "quick": bool(args.quick),
+        "repeats": repeats,
+        "warmup": warmup,
+        "targets": TARGETS,
+    }
+
+    _log(f"loading {args.model} on {device}")
+    started = time.perf_counter()
+    model = workbench.model(args.model)
+    base = CompareConfig(model=args.model, w_bits=args.w_bits, a_bits=args.a_bits, steps=args.steps, eta=1.0,
+                         methods=COMPARE_METHODS, num_images=args.images, calib_samples=calib_samples).validated(model)
+    report["model_load_s"] = time.perf_counter() - started
+
+    # Calibration (measured first, from an empty cache: its result also serves what follows).
+    _log(f"calibrating W{base.w_bits}A{base.a_bits}, {base.steps} steps, {calib_samples} trajectories")
+    stats_config = base.stats_config(model)
+    calibration = timed(lambda: calibrate(model, stats_config, device), args.calib_repeats, 0, device)
+    report["calibration"] = {**calibration, "calib_samples": calib_samples, "w_bits": base.w_bits, "a_bits": base.a_bits,
+                             "steps": base.steps, "eta": base.eta, "guidance": base.guidance,
+                             "meets_target": calibration["median_s"] <= TARGETS["calibration_seconds_max"]}
+    stats, _ = workbench.statistics(model, stats_config)  # calibrated once more, now kept
+
+    # Forward: FP vs quantized, the batch of one comparison step (8 images per network; ×2 with guidance).
+    fp = NoisePredictor(model.network, model.num_classes)
+    q = NoisePredictor(workbench.quantized_network(model, stats), model.num_classes)
+    schedule = DDIMSchedule(model.scheduler_config, base.steps, base.eta)
+    coeff = schedule.steps[len(schedule) // 2]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((args.images, *model.sample_shape), generator=generator).to(device)
+    labels = (torch.arange(args.images) % model.num_classes).to(device) if model.conditional else None
+    _log("forward FP vs quantized")
+    t_fp = timed(lambda: fp(x, coeff.t, labels, base.guidance), repeats * 2, warmup, device)
+    t_q = timed(lambda: q(x, coeff.t, labels, base.guidance), repeats * 2, warmup, device)
+    report["forward"] = {"batch": args.images, "guidance": base.guidance, "fp_s": t_fp["median_s"], "q_s": t_q["median_s"],
+                         "ratio_q_over_fp": t_q["median_s"] / t_fp["median_s"],
+                         "meets_target": t_q["median_s"] / t_fp["median_s"] <= TARGETS["forward_ratio_max"]}
+
+    # One sampler step: quantized forward + correction + DDIM update (η = 1, so every branch runs).
+    _log("sampler step with each correction")
+    z = torch.randn(x.shape, generator=generator).to(device)
+    extra = torch.randn(x.shape, generator=generator).to(device)
+    eps_hat = q(x, coeff.t, labels, base.guidance)
+    corrections = {"none": Correction(), **{name: make_correction(name, stats, base.granularity) for name in CORRECTIONS}}
+
+    def step_with(correction):
+        def run():
+            e = q(x, coeff.t, labels, base.guidance)
+            out = correction(e, coeff, extra_noise=extra)
+            schedule.step(x, out.eps, coeff, out.sigma, z)
+        return run
+
+    def correction_only(correction):
+        def run():
+            for _ in range(10):
+                correction(eps_hat, coeff, extra_noise=extra)
+        return run
+
+    # Interleave the step timings so drift in machine load hits every correction alike.
+    rounds = {name: [] for name in corrections}
+    for _ in range(warmup):
+        for correction in corrections.values():
+            step_with(correction)()
+    for _ in range(repeats * 2):
+        for name, correction in corrections.items():
+            _sync(device)
+            start = time.perf_counter()
+            step_with(correction)()
+            _sync(device)
+            rounds[name].append(time.perf_counter() - start)
+    step_none = statistics.median(rounds["none"])
+    steps_report = {"q_step_s": step_none, "eta": base.eta, "t": coeff.t, "corrections": {}}
+    for name in CORRECTIONS:
+        alone = timed(correction_only(corrections[name]), repeats, warmup, device)["median_s"] / 10
+        step = statistics.median(rounds[name])
+        steps_report["corrections"][name] = {
+            "step_s": step,
+            "overhead_ratio": step / step_none,
+            "correction_only_s": alone,
+            "overhead_ratio_isolated": (step_none + alone) / step_none,
+            "meets_target": (step_none + alone) / step_none <= TARGETS["correction_overhead_ratio_max"],
+        }
+    report["sampler_step"] = steps_report
+
+    # One full comparison (statistics already in the workbench, as in a warm app).
+    _log(f"compare {','.join(COMPARE_METHODS)}: {args.images} images, {base.steps} steps")
+    compare_config = CompareConfig(model=args.model, w_bits=base.w_bits, a_bits=base.a_bits, steps=base.steps, eta=0.0,
+                                   methods=COMPARE_METHODS, num_images=args.images, calib_samples=calib_samples)
+    workbench.compare(compare_config)  # calibrates η = 0 statistics once, outside the timing
+    t_compare = timed(lambda: workbench.compare(compare_config), max(1, repeats // 2 + 1), warmup, device)
+    report["compare"] = {**t_compare, "methods": list(COMPARE_METHODS), "images": args.images, "steps": base.steps, "eta": 0.0,
+                         "meets_target": t_compare["median_s"] <= TARGETS["compare_seconds_max"]}
+
+    # App cold start (its own process).
+    if args.skip_app:
+        report["app_cold_start"] = {"seconds": None, "note": "skipped (--skip-app)"}
+    else:
+        _log("app cold start")
+        report["app_cold_start"] = app_cold_start(timeout=args.app_timeout)
+        if report["app_cold_start"]["seconds"] is not None:
+            report["app_cold_start"]["meets_target"] = report["app_cold_start"]["seconds"] <= TARGETS["app_cold_start_seconds_max"]
+
+    # GPU throughput.
+    if device.startswith("cuda") and not args.skip_gpu_throughput:
+        gpu = {}
+        _log("GPU throughput, batch 256")
+        gpu[args.model] = sampler_throughput(workbench, args.model, args.gpu_batch, base.steps, None, repeats, 1, calib_samples)
+        with tempfile.TemporaryDirectory(prefix="d2dpm-cifar-") as folder:
+            spec = str(_model_folder_ddpm_cifar10(Path(folder)))
+            gpu["ddpm-cifar10-32-config"] = sampler_throughput(workbench, spec, args.gpu_batch, base.steps, None, repeats, 1, min(calib_samples, 64))
+            gpu["ddpm-cifar10-32-config"]["note"] = "UNet2DModel with google/ddpm-cifar10-32's configuration and random weights (timing only)"
+        for figures in gpu.values():
+            figures["meets_target"] = figures["q_over_fp_throughput"] >= TARGETS["gpu_quantized_over_fp_throughput_min"]
+        report["gpu"] = gpu
+    else:
+        report["gpu"] = None if not device.startswith("cuda") else {"note": "skipped (--skip-gpu-throughput)"}
+
+    report["load_average_1m_at_end"] = os.getloadavg()[0]
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["total_s"] = time.perf_counter() - started
+    cache.cleanup()
+    return report
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="emoji", help="model to time (default emoji)")
+    parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--a-bits", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--images", type=int, default=8, help="images of the timed comparison (default 8)")
+    parser.add_argument("--threads", type=int, default=None, help="pin torch's CPU threads (2 as on a free Space)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up runs (default 2, quick 1)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (default 128, quick 4)")
+    parser.add_argument("--calib-repeats", type=int, default=None, help="timed calibrations (default 1)")
+    parser.add_argument("--gpu-batch", type=int, default=256)
+    parser.add_argument("--skip-app", action="store_true", help="do not time the app's cold start")
+    parser.add_argument("--app-timeout", type=float, default=120.0)
+    parser.add_argument("--skip-gpu-throughput", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="few repeats and a tiny calibration (for tests)")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
+
+
+def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    quick = bool(args.quick)
+    args.repeats = args.repeats or (2 if quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    args.calib_samples = args.calib_samples or (4 if quick else 128)
+    args.calib_repeats = args.calib_repeats or 1
+    args.record_argv = True
+    return args
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    report = run_bench(_resolve_defaults(args))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="d2dpm bench", description="speed and memory figures, one JSON object")
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_bench_command(args)
+    except ConfigError as error:
+        print(f"d2dpm bench: error: --{error.argument.replace('_', '-')}: got {error.given!r}; allowed: {error.allowed}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
