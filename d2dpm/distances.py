@@ -173,6 +173,7 @@ def sliced_wasserstein(
     repeats: int = 4,
     min_resolution: int = 16,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> SWDResult:
     """Multi-scale SWD between two image sets [N, C, H, W] (any common range), ×10³.
 
@@ -186,27 +187,36 @@ def sliced_wasserstein(
     if samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"image shapes differ: {tuple(samples.shape[1:])} vs {tuple(reference.shape[1:])}")
     generator = torch.Generator().manual_seed(seed)
-    pyramids = laplacian_pyramid(samples.detach().cpu().float(), min_resolution), laplacian_pyramid(reference.detach().cpu().float(), min_resolution)
+    on_cpu = torch.device(device).type == "cpu"
+    pyramids = (laplacian_pyramid(samples.detach().to(device).float(), min_resolution),
+                laplacian_pyramid(reference.detach().to(device).float(), min_resolution))
     per_level, resolutions = [], []
     channels = samples.shape[1]
     for level_a, level_b in zip(*pyramids):
         a = _patches(level_a, patches_per_image, patch_size, generator)
         b = _patches(level_b, patches_per_image, patch_size, generator)
         count = min(a.shape[0], b.shape[0])
-        a = a[torch.randperm(a.shape[0], generator=generator)[:count]]
-        b = b[torch.randperm(b.shape[0], generator=generator)[:count]]
+        a = a[torch.randperm(a.shape[0], generator=generator)[:count].to(a.device)]
+        b = b[torch.randperm(b.shape[0], generator=generator)[:count].to(b.device)]
         by_channel = b.reshape(count, channels, -1)
         mean = by_channel.mean(dim=(0, 2)).repeat_interleave(patch_size * patch_size)
         std = by_channel.std(dim=(0, 2)).clamp_min(1e-8).repeat_interleave(patch_size * patch_size)
-        a, b = ((a - mean) / std).numpy(), ((b - mean) / std).numpy()
+        a, b = (a - mean) / std, (b - mean) / std
+        if on_cpu:
+            a, b = a.numpy(), b.numpy()
         distances = []
         for _ in range(repeats):
             dirs = torch.randn(a.shape[1], directions, generator=generator)
-            dirs = (dirs / dirs.norm(dim=0, keepdim=True)).numpy()
-            # [directions, count], sorted along rows (numpy's sort: much faster than torch.sort on CPU)
-            proj_a = np.sort(dirs.T @ a.T, axis=1)
-            proj_b = np.sort(dirs.T @ b.T, axis=1)
-            distances.append(float(np.abs(proj_a - proj_b).mean()))
+            dirs = dirs / dirs.norm(dim=0, keepdim=True)
+            # [directions, count], sorted along rows (on CPU numpy's sort: far faster than torch.sort there)
+            if on_cpu:
+                dirs = dirs.numpy()
+                distances.append(float(np.abs(np.sort(dirs.T @ a.T, axis=1) - np.sort(dirs.T @ b.T, axis=1)).mean()))
+            else:
+                dirs = dirs.to(a.device)
+                proj_a, _ = torch.sort(dirs.T @ a.T, dim=1)
+                proj_b, _ = torch.sort(dirs.T @ b.T, dim=1)
+                distances.append(float((proj_a - proj_b).abs().mean()))
         per_level.append(1e3 * float(np.mean(distances)))
         resolutions.append(int(level_a.shape[-1]))
     return SWDResult(per_level, resolutions)
