@@ -337,6 +337,46 @@ def run_bench(args: argparse.Namespace) -> dict:
     return report
 
 
+def markdown_summary(report: dict) -> str:
+    """The figures of one report as a Markdown table, with the targets beside them."""
+
+    def ms(seconds):
+        return "–" if seconds is None else f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+    def verdict(flag):
+        return "" if flag is None else "meets" if flag else "**misses**"
+
+    rows = [
+        ("FP forward (guided, batch %d)" % report["forward"]["batch"], ms(report["forward"]["fp_s"]), "", ""),
+        ("quantized forward", ms(report["forward"]["q_s"]), "", ""),
+        ("quantized / FP forward", f"{report['forward']['ratio_q_over_fp']:.2f}×", "≤ 1.5×", verdict(report["forward"]["meets_target"])),
+        ("quantized sampler step, no correction", ms(report["sampler_step"]["q_step_s"]), "", ""),
+    ]
+    for name, figures in report["sampler_step"]["corrections"].items():
+        rows.append((f"step with {name}: ratio (interleaved) / isolated correction",
+                     f"{figures['overhead_ratio']:.3f}× / {figures['overhead_ratio_isolated']:.4f}× ({ms(figures['correction_only_s'])})",
+                     "≤ 1.05×", verdict(figures["meets_target"])))
+    compare = report["compare"]
+    rows.append((f"compare {'+'.join(compare['methods'])}, {compare['images']} images, {compare['steps']} steps",
+                 ms(compare["median_s"]), "< 5 s", verdict(compare["meets_target"])))
+    calib = report["calibration"]
+    rows.append((f"calibration W{calib['w_bits']}A{calib['a_bits']}, {calib['calib_samples']} trajectories",
+                 ms(calib["median_s"]), "< 60 s", verdict(calib["meets_target"])))
+    app = report["app_cold_start"]
+    rows.append(("app cold start (python app.py → first HTTP answer)", ms(app.get("seconds")) if app.get("seconds") else app.get("note", "–"),
+                 "< 15 s", verdict(app.get("meets_target"))))
+    rows.append(("peak resident memory", f"{report['peak_rss_mb']:.0f} MB", "", ""))
+    for model, figures in (report.get("gpu") or {}).items():
+        if not isinstance(figures, dict) or "fp_images_per_s" not in figures:
+            continue
+        rows.append((f"GPU {model}, batch {figures['batch']}, {figures['steps']} steps: FP / quantized sampler",
+                     f"{figures['fp_images_per_s']:.0f} / {figures['q_images_per_s']:.0f} images/s "
+                     f"(ratio {figures['q_over_fp_throughput']:.2f})", "ratio ≥ 0.5", verdict(figures["meets_target"])))
+    lines = ["| figure | measured | target | |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="emoji", help="model to time (default emoji)")
     parser.add_argument("--w-bits", type=int, default=4)
@@ -355,6 +395,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-gpu-throughput", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few repeats and a tiny calibration (for tests)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
+    parser.add_argument("--markdown", default=None, help="also write a Markdown table of the figures to this file")
 
 
 def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -373,6 +414,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_summary(report) + "\n")
     print(text)
     return 0
 
