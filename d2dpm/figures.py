@@ -245,8 +245,8 @@ def _shade_unabsorbed(fig, table, rows_cols) -> None:
     if start is not None:
         bands.append((start, prev))
     for row, col in rows_cols:
-        for a, b in bands:
-            fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor="#9E9E9E", opacity=0.18, line_width=0, row=row, col=col)
+        for a, b in bands:  # plotted steps are 1-based
+            fig.add_vrect(x0=a + 0.5, x1=b + 1.5, fillcolor="#9E9E9E", opacity=0.13, line_width=0, row=row, col=col)
 
 
 def deviation_figure(stats_table, title: str | None = None):
@@ -263,7 +263,7 @@ def deviation_figure(stats_table, title: str | None = None):
     hover = "step %{x} (t = %{customdata[0]})<br>%{y:.4g}"
 
     def line(y, name, row, col, dash=None, key=None):
-        fig.add_trace(go.Scatter(x=t["step"], y=t[y], name=name, mode="lines+markers", customdata=custom, hovertemplate=hover,
+        fig.add_trace(go.Scatter(x=t["step"] + 1, y=t[y], name=name, mode="lines+markers", customdata=custom, hovertemplate=hover,
                                  line=dict(color=QUANTITY_COLORS[key or y], dash=dash, width=2.5), marker=dict(size=5)), row=row, col=col)
 
     line("mu_delta", "μ_Δ (mean deviation)", 1, 1)
@@ -275,11 +275,16 @@ def deviation_figure(stats_table, title: str | None = None):
     line("k_t", "k_t", 2, 2)
     fig.add_hline(y=0, line_width=1, line_color="#BBBBBB", row=1, col=2)
     _shade_unabsorbed(fig, t, [(1, 1), (1, 2), (2, 1), (2, 2)])
-    if (~t["variance_absorbed"].astype(bool)).any():
+    unabsorbed = ~t["variance_absorbed"].astype(bool)
+    if unabsorbed.any():
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="variance not absorbed (grey)",
                                  marker=dict(size=12, symbol="square", color="rgba(158,158,158,0.45)")), row=1, col=1)
-    fig.update_xaxes(title_text="sampling step (noisy → clean)", row=2, col=1)
-    fig.update_xaxes(title_text="sampling step (noisy → clean)", row=2, col=2)
+    if unabsorbed.all() and float(t["sigma_t"].abs().max()) == 0.0:
+        fig.add_annotation(text="η = 0: σ_t = 0 at every step, so there is no step noise<br>to absorb the residual variance into",
+                           xref="x3 domain", yref="y3 domain", x=0.5, y=0.75, showarrow=False, font=dict(size=12, color="#555555"),
+                           bgcolor="rgba(255,255,255,0.8)")
+    fig.update_xaxes(title_text="sampling step (1 = noisiest)", row=2, col=1)
+    fig.update_xaxes(title_text="sampling step (1 = noisiest)", row=2, col=2)
     fig.update_layout(**_LAYOUT, height=620, title=dict(text=title or "Per-step quantization noise", x=0, y=0.99))
     fig.update_layout(margin=dict(l=60, r=20, t=130, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.08, x=0))
     return fig
@@ -353,7 +358,7 @@ def joint_density_figure(stats, step: int):
 def _method_lines(fig, go, table, y: str, row: int | None = None, col: int | None = None, legend: bool = True, dash=None) -> None:
     for method, group in table.groupby("method", sort=False):
         kwargs = dict(row=row, col=col) if row is not None else {}
-        fig.add_trace(go.Scatter(x=group["step"], y=group[y], mode="lines+markers", name=method_label(method), legendgroup=method,
+        fig.add_trace(go.Scatter(x=group["step"] + 1, y=group[y], mode="lines+markers", name=method_label(method), legendgroup=method,
                                  showlegend=legend, customdata=group[["t"]].to_numpy(),
                                  hovertemplate=method_label(method) + ": %{y:.4g}<br>step %{x} (t = %{customdata[0]})<extra></extra>",
                                  line=dict(color=method_color(method), width=2.5, dash=dash), marker=dict(size=5)), **kwargs)
@@ -367,7 +372,7 @@ def trajectory_figure(trajectory, log_y: bool = True):
                         subplot_titles=("RMSE of x_t to the FP trajectory", "RMSE of the predicted x₀ to FP's"))
     _method_lines(fig, go, table, "rmse_xt", 1, 1)
     _method_lines(fig, go, table, "rmse_x0", 1, 2, legend=False)
-    fig.update_xaxes(title_text="sampling step (noisy → clean)")
+    fig.update_xaxes(title_text="sampling step (1 = noisiest)")
     if log_y and (table[["rmse_xt", "rmse_x0"]] > 0).any().all():
         fig.update_yaxes(type="log")
     fig.update_layout(**_LAYOUT, height=420)
@@ -382,7 +387,7 @@ def moments_figure(trajectory):
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=("mean of x_t", "std of x_t"))
     _method_lines(fig, go, trajectory, "mean_xt", 1, 1)
     _method_lines(fig, go, trajectory, "std_xt", 1, 2, legend=False)
-    fig.update_xaxes(title_text="sampling step (noisy → clean)")
+    fig.update_xaxes(title_text="sampling step (1 = noisiest)")
     fig.update_layout(**_LAYOUT, height=380)
     fig.update_layout(margin=dict(l=60, r=20, t=100, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.12, x=0))
     return fig

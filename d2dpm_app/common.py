@@ -184,9 +184,14 @@ def progress_grid(x0: dict, kind: str, step: int, total: int):
     return comparison_grid(x0, kind, title=f"sampling… step {step}/{total}: each method's predicted x₀")
 
 
-def metrics_display(metrics: pd.DataFrame) -> pd.DataFrame:
-    """The metrics table as students read it: rounded, named columns, FP's PSNR as '—'."""
+METRIC_COLUMNS = ["method", "bits", "PSNR to FP (dB)", "MSE to FP", "size (MB)", "GBOPs", "compression ×", "BOP ratio ×"]
+
+
+def metrics_display(metrics: pd.DataFrame | None) -> pd.DataFrame:
+    """The metrics table as students read it: rounded, named columns, FP's PSNR as '—' (empty before a run)."""
     rows = []
+    if metrics is None:
+        return pd.DataFrame(columns=METRIC_COLUMNS)
     for _, r in metrics.iterrows():
         fp = r["method"] == "fp"
         psnr = "—" if fp or not math.isfinite(r["psnr_to_fp"]) else f"{r['psnr_to_fp']:.2f} ± {r['psnr_std']:.2f}"
@@ -200,7 +205,7 @@ def metrics_display(metrics: pd.DataFrame) -> pd.DataFrame:
             "compression ×": f"{r['compression']:.2f}",
             "BOP ratio ×": f"{r['bop_ratio']:.2f}",
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
 def efficiency_line(result: ComparisonResult) -> str:

@@ -166,9 +166,9 @@ def build_demo() -> gr.Blocks:
             elem_id="title",
         )
         with gr.Tabs():
-            with gr.Tab("Compare", id="compare"):
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 with gr.Row(equal_height=False):
-                    with gr.Column(scale=1, min_width=300):
+                    with gr.Column(scale=1, min_width=340):
                         model = gr.Dropdown(common.MODEL_CHOICES, value=common.DEFAULT_MODEL, allow_custom_value=True, label="Model",
                                             info="emoji, fashion, toy2d, or a diffusers model folder / hub id", elem_id="model")
                         model_msg = gr.Markdown(elem_id="model-info")
@@ -180,14 +180,14 @@ def build_demo() -> gr.Blocks:
                                 a_bits = gr.Slider(4, 8, value=common.PRESETS[common.DEFAULT_PRESET][1], step=1, label="Activation bits")
                         with gr.Group():
                             with gr.Row():
-                                steps = gr.Slider(1, common.MAX_UI_STEPS, value=20, step=1, label="DDIM steps")
+                                steps = gr.Slider(1, common.MAX_UI_STEPS, value=20, step=1, label="DDIM steps", elem_id="steps")
                                 eta = gr.Slider(0, 1, value=0.0, step=0.05, label="η", info="0 = deterministic DDIM, 1 = DDPM-like")
                             guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance scale", visible=False,
                                                  info="classifier-free guidance")
                             class_choice = gr.Dropdown([common.ALL_CLASSES], value=common.ALL_CLASSES, label="Class", visible=False)
                             with gr.Row():
                                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                                num_images = gr.Slider(1, min(MAX_IMAGES, 32), value=8, step=1, label="Images")
+                                num_images = gr.Slider(1, min(MAX_IMAGES, 32), value=8, step=1, label="Images", elem_id="num-images")
                         with gr.Group():
                             gr.Markdown("**Corrections** (FP and the uncorrected quantized model are always shown)")
                             with gr.Row():
@@ -198,38 +198,42 @@ def build_demo() -> gr.Blocks:
                             with gr.Row():
                                 ptqd = gr.Checkbox(True, label="PTQD baseline row")
                                 oracle = gr.Checkbox(False, label="Oracle row", info="subtracts the true Δ")
-                        with gr.Accordion("Advanced", open=False):
+                        with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                             calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=128, step=1, label="Calibration trajectories",
-                                                      info="used when no shipped or cached statistics match")
+                                                      info="used when no shipped or cached statistics match", elem_id="calib-samples")
                             granularity = gr.Radio(["channel", "tensor"], value="channel", label="Noise model granularity")
                             gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
                         run = gr.Button("Run comparison", variant="primary", elem_id="run-button")
-                    with gr.Column(scale=3):
-                        samples = gr.Image(label="Samples: FP | quantized | corrections (heat-maps: |x − FP|)", type="pil",
+                    with gr.Column(scale=2):
+                        gr.Markdown("### Samples\nRows: FP | quantized | corrections, all from the same noise. "
+                                    "Under each row, the heat-map of |x − FP| (white = identical to full precision).")
+                        samples = gr.Image(label="Samples", show_label=False, type="pil",
                                            format="png", interactive=False, elem_id="samples", buttons=["download", "fullscreen"])
                         summary = gr.Markdown("Press **Run comparison**. Every row starts from the same noise.", elem_id="summary")
-                        metrics = gr.Dataframe(label="Metrics (PSNR/MSE to the FP samples; efficiency: size, BOPs)", interactive=False,
+                        metrics = gr.Dataframe(value=common.metrics_display(None), label="Metrics (PSNR/MSE to the FP samples; efficiency: size, BOPs)", interactive=False,
                                                elem_id="metrics", wrap=True)
                         downloads = gr.File(label="Downloads: grid PNG, per-step CSVs, run.json", file_count="multiple",
-                                            interactive=False, elem_id="downloads")
+                                            interactive=False, elem_id="downloads", height=140)
                         gr.Markdown("Colours used in every plot: " + _chips())
             with gr.Tab("Deviation curves", id="deviation"):
                 gr.Markdown("How big is the quantization noise Δ at each step, how correlated with what the quantized model outputs, "
                             "and how much of it D-D² can absorb (grey: steps where it cannot, all of them at η = 0).")
-                deviation_plot = gr.Plot(label="Per-step noise model", elem_id="deviation-plot")
-                dev_step = gr.Slider(1, 20, value=10, step=1, label="Step for the paper's Figure 2")
+                deviation_plot = gr.Plot(label="Per-step noise model", show_label=False, elem_id="deviation-plot")
+                gr.Markdown("### The paper's Figure 2 on this model\nThe quantization noise at one step: is it Gaussian, "
+                            "and how much of it can be predicted from the quantized output ε̂?")
+                dev_step = gr.Slider(1, 20, value=10, step=1, label="Step (1 = noisiest)", elem_id="dev-step")
                 dev_caption = gr.Markdown()
                 with gr.Row():
-                    hist_plot = gr.Plot(label="Histogram of Δ with Gaussian fit", elem_id="hist-plot")
-                    joint_plot = gr.Plot(label="Joint density of (ε̂, Δ) with the conditional mean", elem_id="joint-plot")
+                    hist_plot = gr.Plot(label="Histogram of Δ with Gaussian fit", show_label=False, elem_id="hist-plot")
+                    joint_plot = gr.Plot(label="Joint density of (ε̂, Δ) with the conditional mean", show_label=False, elem_id="joint-plot")
             with gr.Tab("Trajectories", id="trajectories"):
                 gr.Markdown("Distance of each method's sampling trajectory to the full-precision one, step by step.")
-                traj_plot = gr.Plot(label="RMSE to FP", elem_id="traj-plot")
-                moments_plot = gr.Plot(label="Mean and std of x_t", elem_id="moments-plot")
-                particles_plot = gr.Plot(label="Particles over the data density (toy2d)", visible=False, elem_id="particles-plot")
-                traj_step = gr.Slider(1, 20, value=20, step=1, label="Step: predicted x₀ of every method")
+                traj_plot = gr.Plot(label="RMSE to FP", show_label=False, elem_id="traj-plot")
+                moments_plot = gr.Plot(label="Mean and std of x_t", show_label=False, elem_id="moments-plot")
+                particles_plot = gr.Plot(label="Particles over the data density (toy2d)", show_label=False, visible=False, elem_id="particles-plot")
+                traj_step = gr.Slider(1, 20, value=20, step=1, label="Step: predicted x₀ of every method (1 = noisiest)", elem_id="traj-step")
                 traj_caption = gr.Markdown()
-                x0_image = gr.Image(label="Predicted x₀ at the chosen step", type="pil", format="png", interactive=False, elem_id="x0-step")
+                x0_image = gr.Image(label="Predicted x₀ at the chosen step", show_label=False, type="pil", format="png", interactive=False, elem_id="x0-step")
             with gr.Tab("Method", id="method"):
                 gr.Markdown(teaching.method_page_markdown(), latex_delimiters=LATEX, elem_id="method-text")
 

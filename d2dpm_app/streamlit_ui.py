@@ -225,7 +225,7 @@ def compare_page() -> None:
         st.dataframe(common.metrics_display(result.metrics), hide_index=True, width="stretch")
     with right:
         if result.model.kind == "image":
-            st.plotly_chart(figures.metrics_figure(result.metrics), width="stretch", key="metrics_chart")
+            st.plotly_chart(figures.metrics_figure(result.metrics), width="stretch", theme=None, key="metrics_chart")
     st.subheader("Downloads")
     cols = st.columns(5)
     cols[0].download_button("grid.png", _png(grid), "grid.png", "image/png", key="dl_grid")
@@ -243,14 +243,14 @@ def deviation_page() -> None:
     if result is None:
         return
     run_caption(result)
-    st.plotly_chart(figures.deviation_figure(result.stats_table), width="stretch", key="deviation_chart")
+    st.plotly_chart(figures.deviation_figure(result.stats_table), width="stretch", theme=None, key="deviation_chart")
     steps = len(result.records)
     st.subheader("The paper's Figure 2 on this model")
     step = st.slider("Step", 1, steps, steps // 2 + 1, key="deviation_step") - 1
     st.markdown(common.stats_caption(result, step))
     left, right = st.columns(2)
-    left.plotly_chart(figures.delta_histogram_figure(result.stats, step), width="stretch", key="hist_chart")
-    right.plotly_chart(figures.joint_density_figure(result.stats, step), width="stretch", key="joint_chart")
+    left.plotly_chart(figures.delta_histogram_figure(result.stats, step), width="stretch", theme=None, key="hist_chart")
+    right.plotly_chart(figures.joint_density_figure(result.stats, step), width="stretch", theme=None, key="joint_chart")
     with st.expander("The per-step table"):
         st.dataframe(result.stats_table, hide_index=True, width="stretch")
 
@@ -262,10 +262,10 @@ def trajectories_page() -> None:
     if result is None:
         return
     run_caption(result)
-    st.plotly_chart(figures.trajectory_figure(result.trajectory), width="stretch", key="trajectory_chart")
-    st.plotly_chart(figures.moments_figure(result.trajectory), width="stretch", key="moments_chart")
+    st.plotly_chart(figures.trajectory_figure(result.trajectory), width="stretch", theme=None, key="trajectory_chart")
+    st.plotly_chart(figures.moments_figure(result.trajectory), width="stretch", theme=None, key="moments_chart")
     if result.model.kind == "points":
-        st.plotly_chart(figures.particles_figure(result), width="stretch", key="particles_chart")
+        st.plotly_chart(figures.particles_figure(result), width="stretch", theme=None, key="particles_chart")
     steps = len(result.records)
     step = st.slider("Step: predicted x₀ of every method", 1, steps, steps, key="trajectory_step") - 1
     st.markdown(common.step_caption(result, step))
