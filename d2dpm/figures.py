@@ -34,7 +34,6 @@ BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 LABEL_WIDTH = 150
 PADDING = 4
-SWATCH_WIDTH = 6  # the method's colour beside its row label
 
 
 def to_uint8_images(samples: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""The Gradio app as a real server (`python app.py`), driven through gradio_client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from app_helpers import ROOT, SMALL, gradio_server
+
+gradio_client = pytest.importorskip("gradio_client")
+
+ALL_CLASSES = "all classes (one image each, cycling)"
+EXPECTED_ENDPOINTS = {"/model_info", "/model_info_on_load", "/preset", "/compare", "/views", "/deviation_step", "/trajectory_step"}
+
+
+def compare_args(model_dir, **changes):
+    """The /compare inputs in order: model, w, a, steps, η, guidance, class, seed, images,
+    mean, variance, modes, ptqd, oracle, calibration samples, granularity."""
+    s = dict(SMALL, guidance=3.0, class_choice=ALL_CLASSES, mean=True, variance=True, modes=["S-D²", "D-D²"], ptqd=True,
+             oracle=False, granularity="channel")
+    s.update(changes)
+    return (str(model_dir), s["w_bits"], s["a_bits"], s["steps"], s["eta"], s["guidance"], s["class_choice"], s["seed"],
+            s["num_images"], s["mean"], s["variance"], s["modes"], s["ptqd"], s["oracle"], s["calib_samples"], s["granularity"])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gradio_server")
+    with gradio_server(tmp) as (url, process):
+        yield url, process, tmp
+
+
+@pytest.fixture
+def client(server, tmp_path):
+    return gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path / "downloads"))
+
+
+def test_every_event_has_an_api_name(client):
+    assert EXPECTED_ENDPOINTS <= set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+
+
+def test_compare_returns_what_the_cli_writes(client, conditional_model_dir, tmp_path):
+    cli_out = tmp_path / "cli"
+    env = dict(os.environ, D2DPM_CACHE_DIR=str(tmp_path / "cli_cache"), HF_HUB_OFFLINE="1")
+    subprocess.run(
+        [sys.executable, "-m", "d2dpm", "compare", "--model", str(conditional_model_dir), "--w-bits", "4", "--a-bits", "8",
+         "--steps", str(SMALL["steps"]), "--eta", "0", "--guidance", "3", "--seed", "0", "--num-images", str(SMALL["num_images"]),
+         "--calib-samples", str(SMALL["calib_samples"]), "--methods", "fp,q,ptqd,s-d2,d-d2", "--out", str(cli_out)],
+        check=True, cwd=ROOT, env=env, capture_output=True, timeout=300,
+    )
+    job = client.submit(*compare_args(conditional_model_dir), api_name="/compare")
+    image, summary, metrics, files = job.result(timeout=300)  # the session state stays on the server
+    # it streamed: one update per sampling step, then the results
+    assert len(job.outputs()) >= SMALL["steps"] + 1
+    assert Path(image).is_file() and "BOPs" in summary
+    by_name = {Path(f).name: Path(f) for f in files}
+    assert {"grid.png", "metrics.csv", "per_image.csv", "trajectory.csv", "stats.csv", "run.json"} <= set(by_name)
+    for name in ("metrics.csv", "per_image.csv", "trajectory.csv", "stats.csv"):
+        ours, theirs = pd.read_csv(by_name[name]), pd.read_csv(cli_out / name)
+        pd.testing.assert_frame_equal(ours, theirs, check_exact=False, rtol=1e-5, atol=1e-8)
+    assert json.loads(by_name["run.json"].read_text())["config"] == json.loads((cli_out / "run.json").read_text())["config"]
+    # the table on screen is the CSV, rounded for reading
+    shown = pd.DataFrame(metrics["data"], columns=metrics["headers"])
+    cli = pd.read_csv(cli_out / "metrics.csv")
+    assert list(shown["method"]) == list(cli["label"])
+    for text, value in zip(shown["PSNR to FP (dB)"][1:], cli["psnr_to_fp"][1:]):
+        assert float(text.split("±")[0]) == pytest.approx(value, abs=0.006)
+    assert [float(v) for v in shown["GBOPs"]] == pytest.approx(list(cli["gbops"]), abs=6e-4)
+
+    # the other tabs of the same session
+    views = client.predict(api_name="/views")
+    assert len(views) == 11 and views[0]["plot"] and views[5]["plot"]
+    hist, joint, caption = client.predict(2, api_name="/deviation_step")
+    assert hist["plot"] and joint["plot"] and caption.startswith("Step 2")
+    x0, caption = client.predict(1, api_name="/trajectory_step")
+    assert Path(x0).is_file() and caption.startswith("Step 1/")
+
+
+def test_bad_input_gives_a_clear_message_and_the_server_keeps_serving(client, server, conditional_model_dir):
+    with pytest.raises(gradio_client.exceptions.AppError, match="image-steps"):
+        client.predict(*compare_args(conditional_model_dir, num_images=32, steps=100), api_name="/compare")
+    with pytest.raises(gradio_client.exceptions.AppError, match="Model not available"):
+        client.predict(*compare_args(server[2] / "no_such_model"), api_name="/compare")
+    with pytest.raises(gradio_client.exceptions.AppError, match="Run a comparison first"):
+        client.predict(1, api_name="/trajectory_step")
+    assert server[1].poll() is None
+    message, _, _ = client.predict(str(conditional_model_dir), api_name="/model_info")
+    assert "class-conditional (3 classes)" in message
+
+
+def test_the_default_model_is_emoji_and_its_absence_is_explained(client):
+    message, _, _ = client.predict("emoji", api_name="/model_info_on_load")
+    if not (ROOT / "assets" / "models" / "emoji").is_dir():
+        assert "not installed" in message and "d2dpm train" in message
+    else:
+        assert "emoji" in message
+    w, a = client.predict("W4A6", api_name="/preset")
+    assert (w["value"], a["value"]) == (4, 6)
