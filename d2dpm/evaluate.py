@@ -1,0 +1,637 @@
+"""`d2dpm evaluate`: a paper-style results table over bit-widths × η × methods, spread over seeds.
+
+For every cell (model, W/A bits, η, guidance, seed) the methods are sampled side by side from the
+same noise (`Workbench.compare`, in chunks of at most 64 images), then each method's N samples get:
+
+- size MB, BOPs, compression and BOP ratios (from the comparison);
+- MSE and PSNR to the FP samples drawn from the same noise;
+- distances to the training data (see `d2dpm.distances`): SWD ×10³ (weights-free) for the image
+  models; FD-FashionCNN for Fashion-MNIST; FD-EffNetLite0 and Inception FID when available;
+  the energy distance and exact NLL for toy2d.
+
+Then every figure is averaged over the seeds and its standard deviation across seeds is given, so a
+difference between rows can be read against its spread. `--diagnostics` also checks the noise
+model itself on fresh FP trajectories (is Δ Gaussian per step, how large is ρ, how much of the
+conditional variance D-D² can absorb, does mean correction leave a variance deficit or excess).
+
+Writes results.csv (aggregated), per_seed.csv, results.md, and diagnostics.csv / run.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import ConfigError
+
+DEFAULT_METHODS = "fp,q,ptqd,s-d2,d-d2,mean-only,var-only,oracle"
+DISTANCE_NAMES = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "toy")
+MAX_CHUNK = 64
+METRIC_COLUMNS = ("mse_to_fp", "psnr_to_fp", "swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "energy", "nll")
+LOWER_IS_BETTER = {"mse_to_fp": True, "psnr_to_fp": False, "swd": True, "fd_fashioncnn": True, "fd_effnetlite0": True,
+                   "fid_inception": True, "energy": True, "nll": True}
+COLUMN_TITLES = {
+    "mse_to_fp": "MSE→FP", "psnr_to_fp": "PSNR→FP dB", "swd": "SWD×10³", "fd_fashioncnn": "FD-FashionCNN",
+    "fd_effnetlite0": "FD-EffNetLite0", "fid_inception": "FID (Inception)", "energy": "energy dist.", "nll": "NLL nats",
+}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_bits(text: str) -> list[tuple[int, int]]:
+    """'W8A8,W4A8' or '8/8,4/8' → [(8, 8), (4, 8)]."""
+    pairs = []
+    for item in [part.strip() for part in text.split(",") if part.strip()]:
+        upper = item.upper().replace("/", "A")
+        if not upper.startswith("W"):
+            upper = "W" + upper
+        try:
+            w, a = upper[1:].split("A")
+            pairs.append((int(w), int(a)))
+        except ValueError:
+            raise ConfigError("bits", item, "a comma-separated list like W8A8,W4A8,W4A6") from None
+    if not pairs:
+        raise ConfigError("bits", text, "a comma-separated list like W8A8,W4A8,W4A6")
+    return pairs
+
+
+def _floats(argument: str, text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(argument, text, "a comma-separated list of numbers") from None
+
+
+def _ints(argument: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(argument, text, "a comma-separated list of integers") from None
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(argument, text, "a comma-separated list of integers ≥ 0")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances, set up once per model
+
+
+def load_reference_file(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An .npz with `images` ([N, H, W, C] or [N, H, W] uint8, or [N, C, H, W] float in [-1, 1])
+    and optionally `labels` (class indices, for class-matched SWD and class-balanced statistics)."""
+    try:
+        with np.load(path) as data:
+            images, labels = data["images"], (data["labels"] if "labels" in data.files else None)
+    except (OSError, KeyError, ValueError) as error:
+        raise ConfigError("reference", path, f"an .npz file with an 'images' array ({type(error).__name__}: {error})") from None
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if images.dtype == np.uint8:
+        tensor = tensor.float().div(127.5).sub(1.0)
+        tensor = tensor[:, None] if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2)
+    return tensor.float().contiguous(), (torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)
+
+
+def _reference_data(model_spec: str, reference_path: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Reference images and, where class-conditional sampling needs them, their labels."""
+    from . import distances as D
+
+    if reference_path:
+        return load_reference_file(reference_path)
+    if model_spec == "emoji":  # the whole training set, imbalanced across the 9 groups
+        from .datasets import load_emoji32
+
+        data = load_emoji32()
+        return data.images, data.labels
+    try:
+        # fashion: a random subset of the test set, balanced up to sampling noise
+        return D.reference_images(model_spec), None
+    except D.OptionalDependencyMissing as missing:
+        _log(f"evaluate: {missing}")
+        return None, None
+
+
+def class_balancing_weights(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Weights that give every class the same total weight (None: equal weights)."""
+    if labels is None:
+        return None
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].double()
+
+
+def weighted_feature_stats(features: torch.Tensor, weights: torch.Tensor | None):
+    """`FeatureStats` of features [N, D] with optional per-sample (reliability) weights."""
+    from .distances import FeatureStats
+
+    if weights is None:
+        return FeatureStats.from_features(features)
+    x = features.double().cpu()
+    w = weights.double().cpu() / weights.double().sum()
+    mu = w @ x
+    centred = x - mu
+    sigma = (centred * w[:, None]).T @ centred / (1 - w.pow(2).sum())
+    return FeatureStats(mu.numpy(), sigma.numpy(), int(x.shape[0]))
+
+
+class DistanceSuite:
+    """The distances that apply to one model, with their reference data loaded once."""
+
+    def __init__(self, model_spec: str, kind: str, shape: tuple[int, ...], wanted: set[str], device: str, cache_dir: Path | None = None,
+                 reference_path: str | None = None, conditional: bool = False):
+        from . import distances as D
+
+        self.kind, self.device, self.notes = kind, device, []
+        self.reference = None
+        self.fashion = self.effnet = self.effnet_reference = self.fid = None
+        if kind != "image":
+            self.toy = "toy" in wanted and model_spec == "toy2d"
+            if "toy" in wanted and not self.toy:
+                self.notes.append(f"toy distances apply only to a model of the toy2d mixture, not to {model_spec!r}")
+            return
+        self.toy = False
+        self.reference_labels = None
+        image_distances = wanted & {"swd", "fd_effnetlite0", "fid_inception"}
+        if image_distances:
+            self.reference, self.reference_labels = _reference_data(model_spec, reference_path)
+            if not conditional:
+                self.reference_labels = None
+            if self.reference is not None and tuple(self.reference.shape[1:]) != tuple(shape):
+                self.notes.append(f"reference images {tuple(self.reference.shape[1:])} do not match samples {tuple(shape)}: distances to data skipped")
+                self.reference = None
+            if self.reference is None:
+                self.notes.append(f"no reference data known for model {model_spec!r}: SWD / FD-EffNetLite0 / FID skipped")
+        if "fd_fashioncnn" in wanted and model_spec == "fashion":
+            try:
+                self.fashion = D.FashionClassifierFD(device)
+            except D.OptionalDependencyMissing as missing:
+                self.notes.append(str(missing))
+        if "fd_effnetlite0" in wanted and self.reference is not None:
+            try:
+                self.effnet = D.EffNetLite0Features(device)
+                self.effnet_reference = self._effnet_reference(model_spec, cache_dir)
+            except D.OptionalDependencyMissing as missing:
+                self.effnet = None
+                self.notes.append(str(missing))
+        if "fid_inception" in wanted and self.reference is not None:
+            try:
+                self.fid = D.InceptionFID(device)
+            except D.OptionalDependencyMissing as missing:
+                self.notes.append(str(missing))
+        self.swd = "swd" in wanted and self.reference is not None
+        for note in self.notes:
+            _log(f"evaluate: {note}")
+
+    def _effnet_reference(self, model_spec: str, cache_dir: Path | None):
+        from . import distances as D
+
+        path = None
+        if cache_dir is not None:
+            balanced = "balanced" if self.reference_labels is not None else "plain"
+            key = hashlib.sha256(self.reference[:64].numpy().tobytes()).hexdigest()[:10]  # which images, not just how many
+            path = Path(cache_dir) / "eval" / f"effnetlite0_{Path(model_spec).name}_{self.reference.shape[0]}_{key}_{balanced}.safetensors"
+            if path.is_file():
+                return D.FeatureStats.load(path)
+        _log(f"evaluate: EfficientNet-Lite0 features of {self.reference.shape[0]} reference images (once, then cached)")
+        stats = weighted_feature_stats(self.effnet(self.reference), class_balancing_weights(self.reference_labels))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stats.save(path)
+        return stats
+
+    def matched_reference(self, labels: torch.Tensor | None, seed: int) -> torch.Tensor:
+        """For SWD: one reference image of the same class per generated sample (the generated
+        labels cycle evenly through the classes, the training data need not), or all of them."""
+        if labels is None or self.reference_labels is None:
+            return self.reference
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.empty(len(labels), dtype=torch.long)
+        for label in labels.unique().tolist():
+            where = (labels == label).nonzero().flatten()
+            pool = (self.reference_labels == label).nonzero().flatten()
+            picks[where] = pool[torch.randint(len(pool), (len(where),), generator=generator)]
+        return self.reference[picks]
+
+    def __call__(self, samples: torch.Tensor, seed: int, labels: torch.Tensor | None = None) -> dict[str, float]:
+        from . import distances as D
+
+        out: dict[str, float] = {}
+        if self.kind != "image":
+            if self.toy:
+                out.update(D.toy2d_distances(samples, seed=seed))
+            return out
+        if self.swd:
+            out["swd"] = D.sliced_wasserstein(samples, self.matched_reference(labels, seed), seed=seed).mean
+        if self.fashion is not None:
+            out["fd_fashioncnn"] = self.fashion(samples)
+        if self.effnet is not None:
+            out["fd_effnetlite0"] = D.frechet_from_stats(D.FeatureStats.from_features(self.effnet(samples)), self.effnet_reference)
+        if self.fid is not None:
+            out["fid_inception"] = self.fid(samples, self.reference)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    models: list[str]
+    bits: list[tuple[int, int]]
+    etas: list[float]
+    guidances: list[float | None]
+    methods: tuple[str, ...]
+    seeds: list[int]
+    num_samples: int = 64
+    steps: int = 20
+    calib_samples: int | None = None
+    distances: tuple[str, ...] = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "toy")
+    diagnostics: bool = False
+    diagnostic_samples: int = 32
+
+
+def _chunk_seeds(seed: int, num_samples: int) -> list[tuple[int, int]]:
+    """(compare seed, images) per chunk: chunk c of seed s uses seed s·1000 + c."""
+    chunks, left, c = [], num_samples, 0
+    while left > 0:
+        size = min(MAX_CHUNK, left)
+        chunks.append((seed * 1000 + c, size))
+        left -= size
+        c += 1
+    return chunks
+
+
+def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: float, guidance, cfg: EvaluateConfig,
+                  seed: int, suite: DistanceSuite, progress=None, include_fp: bool = True) -> tuple[list[dict], object]:
+    """One configuration and seed: all methods on N shared-noise samples; one row per method."""
+    from .experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
+    from .metrics import per_image_errors
+
+    samples: dict[str, list[torch.Tensor]] = {}
+    labels: list[torch.Tensor] = []
+    result = None
+    for chunk_seed, size in _chunk_seeds(seed, cfg.num_samples):
+        config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=cfg.steps, eta=eta, guidance=guidance,
+                               methods=cfg.methods, seed=chunk_seed, num_images=size,
+                               calib_samples=cfg.calib_samples or DEFAULT_CALIB_SAMPLES)
+        result = workbench.compare(config, progress=progress)
+        for name, tensor in result.samples.items():
+            samples.setdefault(name, []).append(tensor.detach().float().cpu())
+        if result.labels is not None:  # they cycle through the classes in every chunk
+            labels.append(result.labels.cpu())
+    merged = {name: torch.cat(parts) for name, parts in samples.items()}
+    all_labels = torch.cat(labels) if labels else None
+    metrics = result.metrics.set_index("method")
+    rows = []
+    for name, tensor in merged.items():
+        is_fp = name == "fp"
+        if is_fp and not include_fp:
+            continue  # FP does not depend on the bit-widths: one row per (model, η, guidance, seed)
+        mse, psnr = per_image_errors(tensor, merged["fp"], result.model.kind)
+        row = {
+            "model": model_spec,
+            "bits": "W32A32" if is_fp else f"W{w_bits}A{a_bits}",
+            "w_bits": 32 if is_fp else w_bits,
+            "a_bits": 32 if is_fp else a_bits,
+            "eta": float(eta),
+            "guidance": float(result.config.guidance),
+            "steps": cfg.steps,
+            "method": name,
+            "label": metrics.loc[name, "label"],
+            "seed": seed,
+            "n": int(tensor.shape[0]),
+            "size_mb": float(metrics.loc[name, "size_mb"]),
+            "gbops": float(metrics.loc[name, "gbops"]),
+            "compression": float(metrics.loc[name, "compression"]),
+            "bop_ratio": float(metrics.loc[name, "bop_ratio"]),
+            "mse_to_fp": float(mse.mean()),
+            "psnr_to_fp": float(psnr.mean()) if name != "fp" and result.model.kind == "image" else math.nan,
+        }
+        row.update(suite(tensor, seed, all_labels))
+        rows.append(row)
+    return rows, result
+
+
+def aggregate(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds of every metric, with `<metric>_std` (sample std across seeds)."""
+    keys = ["model", "bits", "w_bits", "a_bits", "eta", "guidance", "steps", "method", "label"]
+    present = [c for c in METRIC_COLUMNS if c in per_seed.columns and per_seed[c].notna().any()]
+    constant = ["size_mb", "gbops", "compression", "bop_ratio"]
+    grouped = per_seed.groupby(keys, sort=False, dropna=False)
+    table = grouped[constant].first()
+    table["seeds"] = grouped["seed"].nunique()
+    table["n_per_seed"] = grouped["n"].first()
+    for column in present:
+        table[column] = grouped[column].mean()
+        table[column + "_std"] = grouped[column].std(ddof=1)
+    return table.reset_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise-model diagnostics on fresh FP trajectories
+
+
+def _moments(values: torch.Tensor) -> tuple[float, float]:
+    """Skewness and excess kurtosis of a flat sample."""
+    v = values.double().flatten()
+    v = v - v.mean()
+    var = v.pow(2).mean()
+    return float(v.pow(3).mean() / var.pow(1.5)), float(v.pow(4).mean() / var.pow(2) - 3.0)
+
+
+def noise_diagnostics(workbench, model_spec: str, w_bits: int, a_bits: int, eta: float, guidance, steps: int,
+                      calib_samples: int | None, num_samples: int = 32, seed: int = 987_654) -> pd.DataFrame:
+    """Per step, on FP-driven trajectories not used for calibration: the fitted ρ, σ_Δ, σ_cond; the
+    share of σ_t² that D-D² takes for the residual (k_t²σ_cond²/σ_t²); skewness and excess kurtosis
+    of Δ (standardised per channel and pooled, as the noise model pools it) and of the residual
+    ε − E' left after the conditional-mean correction E' = ε̂ − μ_cond(ε̂); and the variances of ε,
+    ε̂ and E'. Var(E') < Var(ε) means mean correction leaves a variance *deficit*, which D-D²'s
+    absorption (removing more variance) makes worse, while S-D²'s added draw fills it."""
+    from .calibration import random_labels
+    from .experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
+    from .models import NoisePredictor
+    from .noise_model import by_channel
+    from .schedule import DDIMSchedule
+
+    model = workbench.model(model_spec)
+    config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=steps, eta=eta, guidance=guidance,
+                           calib_samples=calib_samples or DEFAULT_CALIB_SAMPLES).validated(model)
+    stats, _ = workbench.statistics(model, config.stats_config(model))
+    fp = NoisePredictor(model.network, model.num_classes)
+    q = NoisePredictor(workbench.quantized_network(model, stats), model.num_classes)
+    schedule = DDIMSchedule(model.scheduler_config, steps, eta)
+    generator = torch.Generator().manual_seed(seed)
+    labels = random_labels(model, num_samples, generator)
+    labels = labels.to(workbench.device) if labels is not None else None
+    x = torch.randn((num_samples, *model.sample_shape), generator=generator).to(workbench.device)
+    table = stats.table(schedule)
+    rows = []
+    for coeff in schedule:
+        eps = fp(x, coeff.t, labels, config.guidance)
+        eps_hat = q(x, coeff.t, labels, config.guidance)
+        delta = (eps_hat - eps).float().cpu()
+        e_mean = (eps_hat - stats.conditional_mean(eps_hat, coeff.index, "channel")).float().cpu()
+        residual = eps.float().cpu() - e_mean
+        per_channel = by_channel(delta)
+        standardised = (per_channel - per_channel.mean(1, keepdim=True)) / per_channel.std(1, keepdim=True).clamp_min(1e-12)
+        skew, kurt = _moments(standardised)
+        res_c = by_channel(residual)
+        r_skew, r_kurt = _moments((res_c - res_c.mean(1, keepdim=True)) / res_c.std(1, keepdim=True).clamp_min(1e-12))
+        eps_c = eps.float().cpu()
+        corr_e_res = float(torch.corrcoef(torch.stack([e_mean.flatten(), residual.flatten()]))[0, 1])
+        fit = table.iloc[coeff.index]
+        sigma_cond = float(fit["sigma_cond"])
+        rows.append(
+            {
+                "model": model_spec, "bits": f"W{w_bits}A{a_bits}", "eta": float(eta), "step": coeff.index, "t": coeff.t,
+                "rho": float(fit["rho"]), "sigma_delta": float(fit["sigma_delta"]), "sigma_cond": sigma_cond,
+                "sigma_t": coeff.sigma, "k_t": coeff.k,
+                "absorbed_share_of_sigma_t2": (min(coeff.k**2 * sigma_cond**2 / coeff.sigma**2, 1.0) if coeff.sigma > 0 else 0.0),
+                "variance_absorbed": bool(fit["variance_absorbed"]),
+                "delta_skew": skew, "delta_excess_kurtosis": kurt,
+                "residual_skew": r_skew, "residual_excess_kurtosis": r_kurt,
+                "var_eps": float(eps_c.double().var()), "var_eps_hat": float(eps_hat.double().var()),
+                "var_e_mean_corrected": float(e_mean.double().var()), "var_residual": float(residual.double().var()),
+                "corr_e_residual": corr_e_res,
+                "rms_delta": float(delta.double().pow(2).mean().sqrt()),
+                "rms_residual": float(residual.double().pow(2).mean().sqrt()),
+            }
+        )
+        z = torch.randn(x.shape, generator=generator).to(workbench.device)
+        x, _ = schedule.step(x, eps, coeff, coeff.sigma, z)
+    return pd.DataFrame(rows)
+
+
+def summarise_diagnostics(diag: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: means over steps of the per-step diagnostics."""
+    keys = ["model", "bits", "eta"]
+    g = diag.groupby(keys, sort=False)
+    out = g.agg(
+        rho_mean=("rho", "mean"), rho_min=("rho", "min"), rho_max=("rho", "max"),
+        sigma_delta_mean=("sigma_delta", "mean"), sigma_cond_mean=("sigma_cond", "mean"),
+        delta_excess_kurtosis_median=("delta_excess_kurtosis", "median"),
+        delta_excess_kurtosis_max=("delta_excess_kurtosis", "max"),
+        residual_excess_kurtosis_median=("residual_excess_kurtosis", "median"),
+        absorbed_share_mean=("absorbed_share_of_sigma_t2", "mean"),
+        steps_absorbed=("variance_absorbed", "sum"),
+        rms_delta_mean=("rms_delta", "mean"), rms_residual_mean=("rms_residual", "mean"),
+    )
+    ratio = diag.assign(ratio=diag["var_e_mean_corrected"] / diag["var_eps"]).groupby(keys, sort=False)["ratio"].mean()
+    out["var_ratio_e_over_eps_mean"] = ratio
+    return out.reset_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _fmt(value: float, std: float | None = None) -> str:
+    """Three significant figures or two decimals, the spread with as many decimals as the value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if math.isinf(value):
+        return "∞"
+    magnitude = abs(value) if value != 0 else 1.0
+    if magnitude < 1e-3:
+        text = f"{value:.2g}"
+        return text + (f" ± {std:.1g}" if std is not None and not math.isnan(std) else "")
+    decimals = 2 if magnitude >= 1 else max(2, 2 - int(math.floor(math.log10(magnitude))))
+    if magnitude >= 1000:
+        decimals = 0
+    text = f"{value:.{decimals}f}"
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += f" ± {std:.{decimals}f}"
+    return text
+
+
+def markdown_table(frame: pd.DataFrame, columns: list[str], titles: dict[str, str] | None = None) -> str:
+    titles = titles or {}
+    head = "| " + " | ".join(titles.get(c, c) for c in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, rule]
+    for _, row in frame.iterrows():
+        cells = []
+        for c in columns:
+            value = row[c]
+            if isinstance(value, (float, np.floating)):
+                std = row.get(c + "_std")
+                cells.append(_fmt(float(value), float(std) if std is not None and c + "_std" in frame.columns else None))
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(table: pd.DataFrame, header: str = "") -> str:
+    """One table per model and η; rows bit-width × method; mean ± std over seeds."""
+    parts = [header] if header else []
+    for (model, eta, guidance), block in table.groupby(["model", "eta", "guidance"], sort=False):
+        metrics = [c for c in METRIC_COLUMNS if c in block.columns and block[c].notna().any()]
+        block = block.copy()
+        block["Method"] = block["label"]
+        block["W/A"] = block["bits"]
+        columns = ["W/A", "Method", "size_mb", "gbops", "compression", "bop_ratio", *metrics]
+        titles = {"size_mb": "size MB", "gbops": "GBOPs", "compression": "compr.", "bop_ratio": "BOP ratio", **COLUMN_TITLES}
+        for c in ("size_mb", "gbops", "compression", "bop_ratio"):
+            block[c] = block[c].astype(float)
+        seeds = int(block["seeds"].max())
+        n = int(block["n_per_seed"].max())
+        parts.append(f"### {model}, η = {eta:g}, guidance {guidance:g}  ({seeds} seeds × {n} samples; mean ± std over seeds)\n")
+        parts.append(markdown_table(block.drop(columns=[c + "_std" for c in ("size_mb", "gbops", "compression", "bop_ratio") if c + "_std" in block]), columns, titles))
+        parts.append("")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command
+
+
+def command_line(argv: list[str]) -> str:
+    """How this process was started, as a command to paste (the d2dpm entry point or python -m)."""
+    if not argv:
+        return ""
+    program = Path(argv[0]).name
+    if program == "evaluate.py":
+        return shlex.join(["python", "-m", "d2dpm.evaluate", *argv[1:]])
+    if len(argv) > 1 and argv[1] == "evaluate":
+        return shlex.join(["d2dpm", *argv[1:]])
+    return ""  # called from Python: the arguments are in run.json
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="emoji", help="comma-separated: emoji, fashion, toy2d or model folders (default emoji)")
+    parser.add_argument("--bits", default="W8A8,W4A8,W4A6", help="comma-separated W/A settings (default W8A8,W4A8,W4A6)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument("--eta", default="0,1", help="comma-separated DDIM η values in [0, 1] (default 0,1)")
+    parser.add_argument("--guidance", default=None, help="comma-separated guidance scales (default: 3 for class-conditional models, 1 otherwise)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    parser.add_argument("--num-samples", type=int, default=64, help="samples per cell and seed (chunks of 64; default 64)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the spread is over these (default 0,1,2)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (default 128)")
+    parser.add_argument("--distances", default="swd,fd_fashioncnn,fd_effnetlite0,fid_inception,toy",
+                        help="which distances to try (those that do not apply or lack weights are skipped with a note)")
+    parser.add_argument("--reference", default=None, help="an .npz of reference images ('images', optional 'labels') for a model "
+                        "with no known training data (default: Emoji-32 for emoji, the shipped Fashion-MNIST subset for fashion)")
+    parser.add_argument("--diagnostics", action="store_true", help="also check the noise model per step on fresh trajectories")
+    parser.add_argument("--diagnostic-samples", type=int, default=32, help="trajectories for --diagnostics (default 32)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--out", required=True, help="output folder for results.csv, per_seed.csv, results.md")
+
+
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    from .experiment import parse_methods
+
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not models:
+        raise ConfigError("model", args.model, "a comma-separated list of models")
+    distances = tuple(d.strip().replace("-", "_").lower() for d in args.distances.split(",") if d.strip())
+    for d in distances:
+        if d not in DISTANCE_NAMES:
+            raise ConfigError("distances", d, ", ".join(DISTANCE_NAMES))
+    if args.num_samples < 2:
+        raise ConfigError("num_samples", args.num_samples, "an integer ≥ 2")
+    guidances = [None] if args.guidance is None else _floats("guidance", args.guidance)
+    etas = _floats("eta", args.eta)
+    for eta in etas:
+        if not 0.0 <= eta <= 1.0:
+            raise ConfigError("eta", eta, "numbers from 0 to 1")
+    return EvaluateConfig(
+        models=models, bits=parse_bits(args.bits), etas=etas, guidances=guidances,
+        methods=parse_methods(args.methods), seeds=_ints("seeds", args.seeds), num_samples=args.num_samples,
+        steps=args.steps, calib_samples=args.calib_samples, distances=distances, diagnostics=args.diagnostics,
+        diagnostic_samples=args.diagnostic_samples,
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .experiment import Workbench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    workbench = Workbench(device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    cells = [(m, w, a, e, g, s) for m in cfg.models for e in cfg.etas for g in cfg.guidances for (w, a) in cfg.bits for s in cfg.seeds]
+    rows, diagnostics, notes = [], [], {}
+    fp_done: set = set()
+    suites: dict[str, DistanceSuite] = {}
+    bar = tqdm(cells, desc="evaluate", unit="cell", file=sys.stderr, dynamic_ncols=True)
+    for model_spec, w, a, eta, guidance, seed in bar:
+        bar.set_postfix_str(f"{model_spec} W{w}A{a} η={eta:g} seed {seed}")
+        if model_spec not in suites:
+            model = workbench.model(model_spec)
+            dataset = (model.meta or {}).get("name", model_spec)  # a `d2dpm train` folder names its data
+            suites[model_spec] = DistanceSuite(dataset, model.kind, tuple(model.sample_shape), set(cfg.distances), workbench.device,
+                                               workbench.cache_dir, args.reference, model.conditional)
+            notes[model_spec] = suites[model_spec].notes
+        guidance_value = guidance
+        fp_key = (model_spec, eta, guidance, seed)
+        cell_rows, result = evaluate_cell(workbench, model_spec, w, a, eta, guidance_value, cfg, seed, suites[model_spec],
+                                          progress=lambda f, m: bar.set_postfix_str(f"{model_spec} W{w}A{a} η={eta:g}: calibrating {f:.0%}"),
+                                          include_fp=fp_key not in fp_done)
+        fp_done.add(fp_key)
+        rows.extend(cell_rows)
+        if cfg.diagnostics and seed == cfg.seeds[0]:
+            diagnostics.append(noise_diagnostics(workbench, model_spec, w, a, eta, result.config.guidance, cfg.steps, cfg.calib_samples, cfg.diagnostic_samples))
+        pd.DataFrame(rows).to_csv(out / "per_seed.csv", index=False)  # partial results survive an interruption
+    bar.close()
+    per_seed = pd.DataFrame(rows)
+    table = aggregate(per_seed)
+    table.to_csv(out / "results.csv", index=False)
+    command = getattr(args, "command_line", None) or command_line(sys.argv)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    header = (f"# d2dpm evaluate\n\n{cfg.steps} DDIM steps; seeds {','.join(map(str, cfg.seeds))}; {cfg.num_samples} samples per cell and seed; "
+              f"device {workbench.device}, {torch.get_num_threads()} threads; {time.time() - started:.0f} s; {date}.\n"
+              + (f"\n    {command}\n" if command else ""))
+    markdown = results_markdown(table, header)
+    for model_spec, model_notes in notes.items():
+        for note in model_notes:
+            markdown += f"\n- {model_spec}: {note}"
+    if diagnostics:
+        diag = pd.concat(diagnostics, ignore_index=True)
+        diag.to_csv(out / "diagnostics.csv", index=False)
+        summary = summarise_diagnostics(diag)
+        summary.to_csv(out / "diagnostics_summary.csv", index=False)
+        markdown += "\n\n### Noise-model diagnostics (means over steps; fresh FP trajectories)\n\n" + markdown_table(summary, list(summary.columns))
+    (out / "results.md").write_text(markdown + "\n")
+    run_info = {"config": dataclasses.asdict(cfg), "device": workbench.device, "seconds": round(time.time() - started, 1),
+                "torch": torch.__version__, "notes": notes, "date": date, "command": command,
+                "threads": torch.get_num_threads()}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+    print(markdown)
+    print(f"wrote results.csv, per_seed.csv, results.md{', diagnostics.csv' if diagnostics else ''}, run.json to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="d2dpm evaluate", description="results table: bits × η × methods, distances to data, spread over seeds")
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(argv)
+    if argv is not None:
+        args.command_line = shlex.join(["d2dpm", "evaluate", *argv])
+    try:
+        return run_evaluate(args)
+    except ConfigError as error:
+        print(f"d2dpm evaluate: error: --{error.argument.replace('_', '-')}: got {error.given!r}; allowed: {error.allowed}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
