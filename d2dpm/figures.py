@@ -136,7 +136,7 @@ def points_panel(points: torch.Tensor, size: int, extent: float = 3.0, reference
         for x, y in to_pixels(reference):
             draw.point((x, size - 1 - y), fill=(200, 200, 200))
     for x, y in to_pixels(points):
-        draw.ellipse((x - 1.5, size - 2.5 - y, x + 1.5, size + 0.5 - y), fill=_rgb(color))
+        draw.ellipse((x - 2, size - 3 - y, x + 2, size + 1 - y), fill=_rgb(color))
     draw.rectangle((0, 0, size - 1, size - 1), outline=(180, 180, 180))
     return panel
 
@@ -149,15 +149,14 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
     With `differences`, every method but FP gets a second row under its samples: the per-image
     heat-map of |x − x_FP| (white = identical to FP), on one colour scale shared by all rows.
     """
+    if kind != "image":
+        return points_grid(samples, size=56 * scale, title=title)
     rows = []
-    vmax = difference_scale(samples) if differences and kind == "image" and "fp" in samples else None
+    vmax = difference_scale(samples) if differences and "fp" in samples else None
     for method, batch in samples.items():
         label = METHODS[method].label if method in METHODS else method
-        if kind == "image":
-            images = to_uint8_images(batch)
-            tiles = [Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST) for image in images]
-        else:
-            tiles = [points_panel(batch, 96 * scale, reference=samples.get("fp") if method != "fp" else None, color=method_color(method))]
+        images = to_uint8_images(batch)
+        tiles = [Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST) for image in images]
         rows.append((label, tiles, method_color(method)))
         if vmax is not None and method != "fp":
             maps = difference_maps(batch, samples["fp"], vmax)
@@ -165,6 +164,36 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
     if vmax is not None:
         title = (title + "   " if title else "") + f"heat-maps: |x − FP|, white 0 → dark red {vmax:.2f}"
     return _assemble(rows, column_titles, title)
+
+
+def points_extent(samples: dict[str, torch.Tensor], reference: str = "fp", minimum: float = 3.0) -> float:
+    """A square half-width that holds the reference samples (at least `minimum`, the toy data's scale)."""
+    points = samples.get(reference, next(iter(samples.values()))).detach().float().cpu().abs()
+    finite = points[torch.isfinite(points)]
+    return max(minimum, float(finite.quantile(0.99)) * 1.15) if finite.numel() else minimum
+
+
+def points_grid(samples: dict[str, torch.Tensor], size: int = 240, title: str | None = None) -> Image.Image:
+    """2-D samples: one square scatter panel per method, side by side, the method named above its
+    panel in its colour; FP's samples in light grey behind every other panel."""
+    extent = points_extent(samples)
+    header = 26 if title else 0
+    label_h = 22
+    width = len(samples) * (size + PADDING) + PADDING
+    if title:
+        width = max(width, int(_font(16).getlength(_text(title, _font(16)))) + 2 * PADDING)
+    grid = Image.new("RGB", (width, header + label_h + size + 2 * PADDING), BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    if title:
+        _draw_text(draw, (PADDING, PADDING), title, 16)
+    for index, (method, batch) in enumerate(samples.items()):
+        x = PADDING + index * (size + PADDING)
+        y = header + PADDING
+        draw.rectangle((x, y + 5, x + 11, y + 16), fill=method_color(method))
+        _draw_text(draw, (x + 17, y + 11), method_label(method), 14, anchor="lm", max_width=size - 20)
+        panel = points_panel(batch, size, extent, reference=samples.get("fp") if method != "fp" else None, color=method_color(method))
+        grid.paste(panel, (x, y + label_h))
+    return grid
 
 
 def _assemble(rows: list[tuple[str, list[Image.Image], str | None]], column_titles: list[str] | None, title: str | None) -> Image.Image:
@@ -400,7 +429,7 @@ def metrics_figure(metrics):
                            error_y=dict(type="data", array=table["psnr_std"], visible=True),
                            marker_color=[method_color(m) for m in table["method"]],
                            hovertemplate="%{x}: %{y:.2f} dB<extra></extra>"))
-    fig.update_layout(**_LAYOUT, height=320, title=dict(text="PSNR to the FP samples (higher = closer)", x=0),
+    fig.update_layout(**_LAYOUT, height=320, title=dict(text="PSNR to FP (higher = closer)", x=0),
                       yaxis_title="dB", showlegend=False)
     return fig
 

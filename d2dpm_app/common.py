@@ -200,8 +200,8 @@ def metrics_display(metrics: pd.DataFrame | None) -> pd.DataFrame:
             "bits": r["bits"],
             "PSNR to FP (dB)": psnr,
             "MSE to FP": f"{r['mse_to_fp']:.2e}" if not fp else "0",
-            "size (MB)": f"{r['size_mb']:.3f}",
-            "GBOPs": f"{r['gbops']:.3f}",
+            "size (MB)": f"{r['size_mb']:.4g}",
+            "GBOPs": f"{r['gbops']:.4g}",
             "compression ×": f"{r['compression']:.2f}",
             "BOP ratio ×": f"{r['bop_ratio']:.2f}",
         })
@@ -210,8 +210,8 @@ def metrics_display(metrics: pd.DataFrame | None) -> pd.DataFrame:
 
 def efficiency_line(result: ComparisonResult) -> str:
     e = result.efficiency.as_dict()
-    return (f"Model size {e.get('fp_size_mb', 0):.2f} → {e.get('q_size_mb', 0):.2f} MB ({e.get('compression', 0):.2f}× smaller); "
-            f"BOPs {e.get('fp_gbops', 0):.3f} → {e.get('q_gbops', 0):.3f} G per image per step ({e.get('bop_ratio', 0):.1f}× fewer).")
+    return (f"Model size {e['fp_size_mb']:.4g} → {e['q_size_mb']:.4g} MB ({e['compression']:.2f}× smaller); "
+            f"BOPs {e['fp_gbops']:.4g} → {e['q_gbops']:.4g} G per network evaluation ({e['bop_ratio']:.1f}× fewer).")
 
 
 def summary_markdown(result: ComparisonResult, seconds: float | None = None) -> str:

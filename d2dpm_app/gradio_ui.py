@@ -109,7 +109,7 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
 def refresh_views(result: ComparisonResult | None):
     """After a run: the Deviation curves and Trajectories tabs (figures, sliders, step views)."""
     if result is None:
-        return (gr.skip(),) * 11
+        return (gr.skip(),) * 12
     steps = len(result.records)
     mid = steps // 2
     last = steps - 1
@@ -126,6 +126,7 @@ def refresh_views(result: ComparisonResult | None):
         figures.step_images(result, last),
         common.step_caption(result, last),
         gr.Plot(value=figures.particles_figure(result) if points else None, visible=points),
+        gr.Plot(value=figures.metrics_figure(result.metrics) if not points else None, visible=not points),
     )
 
 
@@ -212,6 +213,7 @@ def build_demo() -> gr.Blocks:
                         summary = gr.Markdown("Press **Run comparison**. Every row starts from the same noise.", elem_id="summary")
                         metrics = gr.Dataframe(value=common.metrics_display(None), label="Metrics (PSNR/MSE to the FP samples; efficiency: size, BOPs)", interactive=False,
                                                elem_id="metrics", wrap=True)
+                        psnr_plot = gr.Plot(show_label=False, elem_id="psnr-plot")
                         downloads = gr.File(label="Downloads: grid PNG, per-step CSVs, run.json", file_count="multiple",
                                             interactive=False, elem_id="downloads", height=140)
                         gr.Markdown("Colours used in every plot: " + _chips())
@@ -243,7 +245,7 @@ def build_demo() -> gr.Blocks:
         controls = [model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                     mean, variance, modes, ptqd, oracle, calib_samples, granularity]
         view_outputs = [deviation_plot, dev_step, hist_plot, joint_plot, dev_caption, traj_plot, moments_plot,
-                        traj_step, x0_image, traj_caption, particles_plot]
+                        traj_step, x0_image, traj_caption, particles_plot, psnr_plot]
         run.click(run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare",
                   concurrency_limit=2).success(refresh_views, state, view_outputs, api_name="views")
         dev_step.release(deviation_step, [state, dev_step], [hist_plot, joint_plot, dev_caption], api_name="deviation_step")

@@ -219,19 +219,18 @@ def compare_page() -> None:
     grid = common.final_grid(result)
     slot.image(grid, caption="Rows: FP | quantized | corrections; under each, |x − FP| (white = same as FP).")
     st.markdown(common.summary_markdown(result, st.session_state.get("seconds")))
+    st.subheader("Metrics")
+    st.dataframe(common.metrics_display(result.metrics), hide_index=True, width="stretch")
     left, right = st.columns([3, 2])
     with left:
-        st.subheader("Metrics")
-        st.dataframe(common.metrics_display(result.metrics), hide_index=True, width="stretch")
-    with right:
         if result.model.kind == "image":
             st.plotly_chart(figures.metrics_figure(result.metrics), width="stretch", theme=None, key="metrics_chart")
-    st.subheader("Downloads")
-    cols = st.columns(5)
-    cols[0].download_button("grid.png", _png(grid), "grid.png", "image/png", key="dl_grid")
-    for col, (name, table) in zip(cols[1:], [("metrics.csv", result.metrics), ("trajectory.csv", result.trajectory),
-                                             ("stats.csv", result.stats_table), ("per_image.csv", result.per_image)]):
-        col.download_button(name, table.to_csv(index=False).encode(), name, "text/csv", key=f"dl_{name}")
+    with right:
+        st.subheader("Downloads")
+        st.download_button("⬇ grid.png", _png(grid), "grid.png", "image/png", key="dl_grid")
+        for name, table in [("metrics.csv", result.metrics), ("trajectory.csv", result.trajectory),
+                            ("stats.csv", result.stats_table), ("per_image.csv", result.per_image)]:
+            st.download_button(f"⬇ {name}", table.to_csv(index=False).encode(), name, "text/csv", key=f"dl_{name}")
     st.caption("More views of this run: **Deviation curves**, **Trajectories** (sidebar).")
 
 

@@ -74,7 +74,7 @@ def test_compare_returns_what_the_cli_writes(client, conditional_model_dir, tmp_
 
     # the other tabs of the same session
     views = client.predict(api_name="/views")
-    assert len(views) == 11 and views[0]["plot"] and views[5]["plot"]
+    assert len(views) == 12 and views[0]["plot"] and views[5]["plot"]
     hist, joint, caption = client.predict(2, api_name="/deviation_step")
     assert hist["plot"] and joint["plot"] and caption.startswith("Step 2")
     x0, caption = client.predict(1, api_name="/trajectory_step")
