@@ -157,3 +157,16 @@ def method_page_markdown() -> str:
     parts.append(PREDICT_PROMPT)
     parts.append(REFERENCES)
     return "\n".join(parts)
+
+
+def method_page_blocks() -> list[tuple[str, str]]:
+    """The Method page as ("markdown", text) and ("latex", equation) blocks, for UIs whose Markdown
+    renders inline math but not multi-line display math (Streamlit: st.markdown + st.latex)."""
+    import re
+
+    blocks: list[tuple[str, str]] = []
+    for index, part in enumerate(re.split(r"\$\$(.+?)\$\$", method_page_markdown(), flags=re.DOTALL)):
+        part = part.strip()
+        if part:
+            blocks.append(("latex" if index % 2 else "markdown", part))
+    return blocks

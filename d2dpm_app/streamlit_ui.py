@@ -273,4 +273,8 @@ def trajectories_page() -> None:
 
 def method_page() -> None:
     st.title("Method")
-    st.markdown(teaching.method_page_markdown())
+    for kind, text in teaching.method_page_blocks():
+        if kind == "latex":
+            st.latex(text)
+        else:
+            st.markdown(text)

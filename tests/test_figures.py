@@ -146,3 +146,11 @@ def test_method_page_has_the_equations_and_the_links():
     assert text.count("$$") % 2 == 0 and text.count("$$") >= 14
     for symbol in (r"\mu_{\text{cond}}", r"\sigma_{\text{cond}}", r"\sigma_t'", "k_t", "Predict, then toggle"):
         assert symbol in text
+
+
+def test_method_page_blocks_separate_display_math():
+    blocks = teaching.method_page_blocks()
+    latex = [text for kind, text in blocks if kind == "latex"]
+    assert len(latex) == teaching.method_page_markdown().count("$$") // 2
+    assert all("$$" not in text for _, text in blocks)
+    assert any(r"\begin{pmatrix}" in text for text in latex)
