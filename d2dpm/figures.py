@@ -161,9 +161,13 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
         if vmax is not None and method != "fp":
             maps = difference_maps(batch, samples["fp"], vmax)
             rows.append(("  |x − FP|", [Image.fromarray(m).resize((m.shape[1] * scale, m.shape[0] * scale), Image.NEAREST) for m in maps], None))
-    if vmax is not None:
-        title = (title + "   " if title else "") + f"heat-maps: |x − FP|, white 0 → dark red {vmax:.2f}"
-    return _assemble(rows, column_titles, title)
+    return _assemble(rows, column_titles, title, vmax)
+
+
+def auto_scale(batch: torch.Tensor, target: int = 96, minimum: int = 2) -> int:
+    """The nearest-neighbour upscaling that makes an image tile about `target` pixels high."""
+    height = batch.shape[-2] if batch.dim() == 4 else target
+    return max(minimum, round(target / max(height, 1)))
 
 
 def points_extent(samples: dict[str, torch.Tensor], reference: str = "fp", minimum: float = 3.0) -> float:
@@ -196,18 +200,27 @@ def points_grid(samples: dict[str, torch.Tensor], size: int = 240, title: str | 
     return grid
 
 
-def _assemble(rows: list[tuple[str, list[Image.Image], str | None]], column_titles: list[str] | None, title: str | None) -> Image.Image:
-    """Rows of equal tiles with a label column (a colour swatch for method rows) and optional titles."""
+COLORBAR_WIDTH = 140
+
+
+def _assemble(rows: list[tuple[str, list[Image.Image], str | None]], column_titles: list[str] | None, title: str | None,
+              heat_vmax: float | None = None) -> Image.Image:
+    """Rows of equal tiles with a label column (a colour swatch for method rows), optional titles,
+    and a colour bar for the heat-maps when `heat_vmax` is given."""
     tile_w, tile_h = rows[0][1][0].size
     columns = max(len(tiles) for _, tiles, _ in rows)
     header = 0
     if title:
         header += 26
+    if heat_vmax is not None:
+        header += 22
     if column_titles:
         header += 18
     width = LABEL_WIDTH + columns * (tile_w + PADDING) + PADDING
     if title:
         width = max(width, int(_font(16).getlength(_text(title, _font(16)))) + 2 * PADDING)
+    if heat_vmax is not None:
+        width = max(width, 2 * PADDING + 130 + COLORBAR_WIDTH + 160)
     height = header + len(rows) * (tile_h + PADDING) + PADDING
     grid = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(grid)
@@ -215,6 +228,15 @@ def _assemble(rows: list[tuple[str, list[Image.Image], str | None]], column_titl
     if title:
         _draw_text(draw, (PADDING, y), title, 16)
         y += 26
+    if heat_vmax is not None:
+        legend = "heat-maps |x − FP|:"
+        _draw_text(draw, (PADDING, y + 6), legend, 12, anchor="lm")
+        x0 = PADDING + int(_font(12).getlength(_text(legend, _font(12)))) + 8
+        ramp = heat_colormap(np.linspace(0, 1, COLORBAR_WIDTH))[None].repeat(12, axis=0)
+        grid.paste(Image.fromarray(ramp), (x0, y))
+        draw.rectangle((x0, y, x0 + COLORBAR_WIDTH - 1, y + 11), outline=(160, 160, 160))
+        _draw_text(draw, (x0 + COLORBAR_WIDTH + 6, y + 6), f"0 (same as FP) → {heat_vmax:.2f}", 12, anchor="lm")
+        y += 22
     if column_titles:
         for index, text in enumerate(column_titles[:columns]):
             _draw_text(draw, (LABEL_WIDTH + index * (tile_w + PADDING) + tile_w // 2, y), text, 11, anchor="mt", max_width=tile_w)

@@ -17,7 +17,7 @@ import pandas as pd
 from d2dpm.corrections import METHODS, method_for_switches
 from d2dpm.errors import ConfigError, check_int_range
 from d2dpm.experiment import MAX_IMAGES, CompareConfig, ComparisonResult, default_workbench
-from d2dpm.figures import comparison_grid, method_label
+from d2dpm.figures import auto_scale, comparison_grid, method_label, step_images
 
 DEFAULT_MODEL = os.environ.get("D2DPM_APP_MODEL", "emoji")
 MODEL_CHOICES = ["emoji", "fashion", "toy2d"]
@@ -176,12 +176,18 @@ def column_titles(result: ComparisonResult) -> list[str] | None:
 
 def final_grid(result: ComparisonResult):
     """Rows FP | quantized | corrections, each correction with its heat-map row against FP."""
-    return comparison_grid(result.samples, result.model.kind, column_titles=column_titles(result), title=run_title(result),
-                           differences=True)
+    return comparison_grid(result.samples, result.model.kind, scale=auto_scale(result.samples["fp"]),
+                           column_titles=column_titles(result), title=run_title(result), differences=True)
 
 
 def progress_grid(x0: dict, kind: str, step: int, total: int):
-    return comparison_grid(x0, kind, title=f"sampling… step {step}/{total}: each method's predicted x₀")
+    return comparison_grid(x0, kind, scale=auto_scale(next(iter(x0.values()))),
+                           title=f"sampling… step {step}/{total}: each method's predicted x₀")
+
+
+def step_grid(result: ComparisonResult, step: int):
+    """The predicted x₀ of every method after `step` (0-based), tiles as large as the final grid's."""
+    return step_images(result, step, scale=auto_scale(result.samples["fp"]))
 
 
 METRIC_COLUMNS = ["method", "bits", "PSNR to FP (dB)", "MSE to FP", "size (MB)", "GBOPs", "compression ×", "BOP ratio ×"]

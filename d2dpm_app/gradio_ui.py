@@ -123,7 +123,7 @@ def refresh_views(result: ComparisonResult | None):
         figures.trajectory_figure(result.trajectory),
         figures.moments_figure(result.trajectory),
         gr.Slider(minimum=1, maximum=steps, value=steps, step=1, interactive=True),
-        figures.step_images(result, last),
+        common.step_grid(result, last),
         common.step_caption(result, last),
         gr.Plot(value=figures.particles_figure(result) if points else None, visible=points),
         gr.Plot(value=figures.metrics_figure(result.metrics) if not points else None, visible=not points),
@@ -151,7 +151,7 @@ def trajectory_step(result: ComparisonResult | None, step):
     if result is None:
         raise gr.Error("Run a comparison first (Compare tab).")
     index = _step_index(result, step)
-    return figures.step_images(result, index), common.step_caption(result, index)
+    return common.step_grid(result, index), common.step_caption(result, index)
 
 
 # -- layout

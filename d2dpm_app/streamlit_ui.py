@@ -268,7 +268,7 @@ def trajectories_page() -> None:
     steps = len(result.records)
     step = st.slider("Step: predicted x₀ of every method", 1, steps, steps, key="trajectory_step") - 1
     st.markdown(common.step_caption(result, step))
-    st.image(figures.step_images(result, step))
+    st.image(common.step_grid(result, step))
 
 
 def method_page() -> None:
