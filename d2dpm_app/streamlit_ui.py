@@ -133,6 +133,15 @@ def run_caption(result: ComparisonResult) -> None:
     st.caption(f"Showing: {common.run_title(result)} · {common.SOURCE_TEXT.get(result.stats_source, result.stats_source)}")
 
 
+def _final_grid(result: ComparisonResult):
+    """The final grid of a result, drawn once per session and result (every widget change reruns the page)."""
+    cached = st.session_state.get("_grid")
+    if cached is None or cached[0] is not result:
+        cached = (result, common.final_grid(result))
+        st.session_state["_grid"] = cached
+    return cached[1]
+
+
 def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -197,6 +206,7 @@ def compare_page() -> None:
             st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
         run = st.button("Run comparison", type="primary", width="stretch", key="run")
 
+    messages = st.container()  # errors show here, above any earlier result
     slot = st.empty()
     if run:
         try:
@@ -208,15 +218,15 @@ def compare_page() -> None:
             st.session_state[CONFIG_KEY] = config
             st.session_state["seconds"] = time.perf_counter() - start
         except ConfigError as error:
-            st.error(f"Please check the settings: {error}")
+            messages.error(f"Please check the settings: {error}")
         except Exception as error:  # keep serving: one line for the visitor, no traceback
-            st.error(f"The comparison failed: {type(error).__name__}: {error}")
+            messages.error(f"The comparison failed: {type(error).__name__}: {error}")
 
     result = current_result()
     if result is None:
         slot.info("Choose the settings in the sidebar and press **Run comparison**. Every row starts from the same noise.")
         return
-    grid = common.final_grid(result)
+    grid = _final_grid(result)
     slot.image(grid, caption="Rows: FP | quantized | corrections; under each, |x − FP| (white = same as FP).")
     st.markdown(common.summary_markdown(result, st.session_state.get("seconds")))
     st.subheader("Metrics")
