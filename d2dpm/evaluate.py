@@ -232,7 +232,7 @@ class DistanceSuite:
                 out.update(D.toy2d_distances(samples, seed=seed))
             return out
         if self.swd:
-            out["swd"] = D.sliced_wasserstein(samples, self.matched_reference(labels, seed), seed=seed).mean
+            out["swd"] = D.sliced_wasserstein(samples, self.matched_reference(labels, seed), seed=seed, device=self.device).mean
         if self.fashion is not None:
             out["fd_fashioncnn"] = self.fashion(samples)
         if self.effnet is not None:
