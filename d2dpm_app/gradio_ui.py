@@ -1,7 +1,7 @@
 """The Gradio app: four tabs (Compare, Deviation curves, Trajectories, Method) over one comparison.
 
 Every event has an `api_name`, so `gradio_client` can drive the whole flow:
-`/model_info`, `/preset`, `/compare` (streams predicted x₀, then the results), `/views`,
+`/model_info`, `/preset`, `/validate`, `/compare` (streams predicted x₀, then the results), `/views`,
 `/deviation_step`, `/trajectory_step`. Bad input raises `gr.Error` with the core's message.
 """
 
@@ -66,6 +66,17 @@ def preset_bits(preset: str):
         w, a = common.PRESETS[preset]
         return gr.Slider(value=w), gr.Slider(value=a)
     return gr.Slider(), gr.Slider()
+
+
+def validate(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+             mean, variance, modes, ptqd, oracle, calib_samples, granularity) -> None:
+    """Check the settings before a run, with no outputs: a bad setting shows a message and leaves the
+    previous results on screen (an error inside the run itself would mark every output as failed)."""
+    try:
+        common.build_config(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                            mean, variance, modes, ptqd, oracle, calib_samples, granularity)
+    except ConfigError as error:
+        raise gr.Error(str(error), title="Please check the settings") from None
 
 
 def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
@@ -246,8 +257,9 @@ def build_demo() -> gr.Blocks:
                     mean, variance, modes, ptqd, oracle, calib_samples, granularity]
         view_outputs = [deviation_plot, dev_step, hist_plot, joint_plot, dev_caption, traj_plot, moments_plot,
                         traj_step, x0_image, traj_caption, particles_plot, psnr_plot]
-        run.click(run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare",
-                  concurrency_limit=2).success(refresh_views, state, view_outputs, api_name="views")
+        run.click(validate, controls, None, api_name="validate", show_progress="hidden").success(
+            run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare", concurrency_limit=2
+        ).success(refresh_views, state, view_outputs, api_name="views")
         dev_step.release(deviation_step, [state, dev_step], [hist_plot, joint_plot, dev_caption], api_name="deviation_step")
         traj_step.release(trajectory_step, [state, traj_step], [x0_image, traj_caption], api_name="trajectory_step")
     return demo

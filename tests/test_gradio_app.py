@@ -15,7 +15,7 @@ from app_helpers import ROOT, SMALL, gradio_server
 gradio_client = pytest.importorskip("gradio_client")
 
 ALL_CLASSES = "all classes (one image each, cycling)"
-EXPECTED_ENDPOINTS = {"/model_info", "/model_info_on_load", "/preset", "/compare", "/views", "/deviation_step", "/trajectory_step"}
+EXPECTED_ENDPOINTS = {"/model_info", "/model_info_on_load", "/preset", "/validate", "/compare", "/views", "/deviation_step", "/trajectory_step"}
 
 
 def compare_args(model_dir, **changes):
@@ -82,8 +82,10 @@ def test_compare_returns_what_the_cli_writes(client, conditional_model_dir, tmp_
 
 
 def test_bad_input_gives_a_clear_message_and_the_server_keeps_serving(client, server, conditional_model_dir):
-    with pytest.raises(gradio_client.exceptions.AppError, match="image-steps"):
-        client.predict(*compare_args(conditional_model_dir, num_images=32, steps=100), api_name="/compare")
+    too_much = compare_args(conditional_model_dir, num_images=32, steps=100)
+    for endpoint in ("/validate", "/compare"):
+        with pytest.raises(gradio_client.exceptions.AppError, match="image-steps"):
+            client.predict(*too_much, api_name=endpoint)
     with pytest.raises(gradio_client.exceptions.AppError, match="Model not available"):
         client.predict(*compare_args(server[2] / "no_such_model"), api_name="/compare")
     with pytest.raises(gradio_client.exceptions.AppError, match="Run a comparison first"):
