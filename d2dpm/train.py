@@ -1,0 +1,362 @@
+"""`d2dpm train`: train an embedded model (DDPM ε-prediction) and save it in d2dpm's model folder.
+
+    python -m d2dpm.train --dataset toy2d --out out/toy2d
+
+The folder holds d2dpm_model.json, the EMA weights (unet/ or network/, safetensors), the DDIM
+scheduler config, training_log.csv, and checkpoint/training_state.pt (raw weights, optimizer,
+step) so that `--resume` can continue a run that a time limit cut short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .datasets import load_emoji32, load_fashion_mnist, sample_toy2d
+from .toy import ToyEpsMLP
+
+DATASETS = ("emoji", "fashion", "toy2d")
+# Defaults per data set for the flags left out: small image nets tolerate a high learning rate;
+# the toy MLP sees fresh points every step and needs far fewer steps.
+DEFAULTS = {
+    "emoji": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000},
+    "fashion": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000},
+    "toy2d": {"steps": 5000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.998, "cooldown_steps": 1000},
+}
+# DDPM (Ho et al.): 1000 steps, linear β from 1e-4 to 0.02. The sampler is DDIM on the same ᾱ.
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 0,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+WARMUP_STEPS = 500
+GRAD_CLIP = 1.0
+LOG_EVERY = 100
+EVAL_SIZE = 2048  # fixed (x0, t, noise) triples on which the final EMA loss is measured
+CHECKPOINT_FILE = Path("checkpoint") / "training_state.pt"
+LOG_FILE = "training_log.csv"
+LOG_COLUMNS = ["step", "loss", "lr", "seconds"]
+
+
+def image_unet(channels: int, num_classes: int) -> UNet2DModel:
+    """The embedded image network, sized for the demo on 2 CPU cores: 16 channels at 32×32,
+    attention only at 8×8 and in the 4×4 middle; a float32 forward of 16 RGB images took ~45 ms
+    there, of 64 ~175 ms (wider first levels cost 2–4×). Class index `num_classes` is the null
+    class of classifier-free guidance."""
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
+        norm_num_groups=8,
+        num_class_embeds=num_classes + 1,
+    )
+
+
+@dataclass
+class TrainingData:
+    """Where clean samples x0 come from, and what the saved model says about them."""
+
+    name: str
+    kind: str  # "image" or "points"
+    sample_shape: list[int]
+    images: torch.Tensor | None = None  # the whole image set, on the training device
+    labels: torch.Tensor | None = None
+    class_names: list[str] | None = None
+    horizontal_flip: bool = False
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_names) if self.class_names else None
+
+    def batch(self, size: int, generator: torch.Generator, toy_generator: torch.Generator, device: torch.device):
+        if self.images is None:
+            return sample_toy2d(size, toy_generator).to(device), None
+        index = torch.randint(len(self.images), (size,), device=device, generator=generator)
+        x0, labels = self.images[index], self.labels[index]
+        if self.horizontal_flip:
+            flip = torch.rand(size, device=device, generator=generator) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        return x0, labels
+
+
+def load_training_data(dataset: str, device: torch.device) -> TrainingData:
+    if dataset == "toy2d":
+        return TrainingData("toy2d", "points", [2])
+    if dataset == "emoji":
+        # No flips: emoji hold text (🆗, flags) and direction (🏃 faces left, ➡️) that a mirror breaks.
+        images, labels, class_names = load_emoji32()
+        flip = False
+    else:
+        images, labels, class_names = load_fashion_mnist("train")
+        flip = True  # clothes are left-right symmetric up to detail
+    return TrainingData(dataset, "image", list(images.shape[1:]), images.to(device), labels.to(device), class_names, flip)
+
+
+def build_network(data: TrainingData) -> torch.nn.Module:
+    if data.kind == "points":
+        return ToyEpsMLP()
+    return image_unet(data.sample_shape[0], data.num_classes)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `d2dpm train` command that reproduces this run, every setting spelled out."""
+    parts = ["d2dpm", "train", "--dataset", args.dataset, "--out", str(args.out), "--steps", str(args.steps),
+             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--cooldown-steps", str(args.cooldown_steps),
+             "--seed", str(args.seed),
+             "--ema-decay", str(args.ema_decay), "--label-dropout", str(args.label_dropout), "--device", args.device]
+    if args.resume:
+        parts += ["--resume", str(args.resume)]
+    if args.max_minutes:
+        parts += ["--max-minutes", str(args.max_minutes)]
+    return shlex.join(parts)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="model folder to write (created)")
+    parser.add_argument("--steps", type=int, help="total optimizer steps, counting those of a resumed run "
+                        "(default: emoji/fashion 20000, toy2d 5000)")
+    parser.add_argument("--batch-size", type=int, help="default 1024")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate after a 500-step warm-up (default 1e-3)")
+    parser.add_argument("--cooldown-steps", type=int, help="anneal the learning rate to 0 (cosine) over the last N "
+                        "of --steps (default: 5000 for images, 1000 for toy2d)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--ema-decay", type=float, help="decay of the weight average that is saved "
+                        "(default: 0.9995 for images, 0.998 for toy2d)")
+    parser.add_argument("--label-dropout", type=float, default=0.1,
+                        help="probability of training on the null class, for classifier-free guidance")
+    parser.add_argument("--resume", type=Path, help="a model folder written by this command: continue from its checkpoint")
+    parser.add_argument("--max-minutes", type=float, help="stop and save after this much training time "
+                        "(for machines that limit a command's run time); --resume continues")
+    parser.add_argument("--checkpoint-every", type=int, default=2000, help="save the folder every N steps")
+    parser.add_argument("--log", type=Path, help="also append the progress lines to this text file")
+
+
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """Warm-up, constant, then a cosine cool-down to 0 at --steps. A constant rate leaves the
+    weights jittering, and sampling is sensitive to the small ε errors at high noise that this leaves."""
+    rate = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+    remaining = args.steps - step
+    if remaining < args.cooldown_steps:
+        rate *= 0.5 * (1 + math.cos(math.pi * (1 - remaining / args.cooldown_steps)))
+    return rate
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    for key, value in DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+@torch.no_grad()
+def evaluation_loss(network: torch.nn.Module, data: TrainingData, scheduler: DDIMScheduler, device: torch.device) -> float:
+    """ε-MSE of `network` in float32 on a fixed set of (x0, t, noise); labels are the true classes."""
+    generator = torch.Generator().manual_seed(1234)
+    if data.images is None:
+        x0, labels = sample_toy2d(EVAL_SIZE * 4, generator), None
+    else:
+        index = torch.randperm(len(data.images), generator=generator)[:EVAL_SIZE].to(device)
+        x0, labels = data.images[index].cpu(), data.labels[index]
+    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    total = 0.0
+    for start in range(0, len(x0), 512):
+        part = slice(start, start + 512)
+        kwargs = {} if labels is None else {"class_labels": labels[part]}
+        eps = network(noisy[part].to(device), timesteps[part].to(device), **kwargs).sample
+        total += F.mse_loss(eps.float(), noise[part].to(device), reduction="sum").item()
+    return total / noise.numel()
+
+
+def _save(out: Path, data: TrainingData, network, ema: AveragedModel, optimizer, step: int, training: dict,
+          log_rows: list[dict]) -> None:
+    subfolder = "unet" if data.kind == "image" else "network"
+    ema.module.save_pretrained(out / subfolder, safe_serialization=True)
+    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    meta = {
+        "name": data.name,
+        "kind": data.kind,
+        "network_class": type(network).__name__,
+        "network_subfolder": subfolder,
+        "sample_shape": data.sample_shape,
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "null_class": data.num_classes,
+        "training": training,
+    }
+    (out / "d2dpm_model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    with open(out / LOG_FILE, "w", newline="") as file:
+        writer = csv.DictWriter(file, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(log_rows)
+    # The EMA weights are the ones in `subfolder`; the checkpoint adds what resuming needs.
+    (out / CHECKPOINT_FILE).parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "network": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ema_n_averaged": int(ema.n_averaged),
+        "training": training,
+    }
+    torch.save(state, out / (str(CHECKPOINT_FILE) + ".tmp"))
+    (out / (str(CHECKPOINT_FILE) + ".tmp")).replace(out / CHECKPOINT_FILE)
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    """Train as `args` say and write the model folder; returns its path."""
+    _fill_defaults(args)
+    device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+    torch.manual_seed(args.seed)
+    data = load_training_data(args.dataset, device)
+    network = build_network(data).to(device).train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    toy_generator = torch.Generator().manual_seed(args.seed)
+    null_class = data.num_classes
+
+    step, earlier_seconds, earlier_commands, log_rows = 0, 0.0, [], []
+    if args.resume:
+        state = torch.load(args.resume / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        # Reseed rather than restore: a checkpoint may move between CUDA and CPU, whose generators differ.
+        generator.manual_seed(args.seed + step)
+        toy_generator.manual_seed(args.seed + step)
+        earlier_seconds = state["training"]["seconds"]
+        earlier_commands = state["training"].get("earlier_commands", []) + [state["training"]["command"]]
+        with open(args.resume / LOG_FILE, newline="") as file:
+            log_rows = list(csv.DictReader(file))
+    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+    if args.resume:
+        subfolder = "unet" if data.kind == "image" else "network"
+        ema.module.load_state_dict(type(network).from_pretrained(args.resume / subfolder, low_cpu_mem_usage=False).state_dict())
+        ema.n_averaged.fill_(state["ema_n_averaged"])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.log, "a") if args.log else None
+
+    def report(line: str) -> None:
+        print(line, flush=True)
+        if log_file:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    command = command_line(args)
+    report(f"{command}\n{data.name}: {sum(p.numel() for p in network.parameters()):,} parameters on {device}, "
+           f"from step {step} to {args.steps}")
+    use_autocast = device.type == "cuda"  # bf16 matmuls and convolutions; the loss stays float32
+    started, interval_losses = time.perf_counter(), []
+
+    def training_record(final_ema_loss: float | None, seconds: float) -> dict:
+        record = {
+            "command": command,
+            "steps": step,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "cooldown_steps": args.cooldown_steps,
+            "ema_decay": args.ema_decay,
+            "label_dropout": args.label_dropout if data.num_classes else None,
+            "horizontal_flip": data.horizontal_flip,
+            "seed": args.seed,
+            "final_ema_loss": final_ema_loss,
+            "final_ema_loss_on": f"ε-MSE in float32 on {EVAL_SIZE if data.images is not None else EVAL_SIZE * 4} "
+                                 "fixed (x0, t, noise) triples of the training data",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "seconds": round(seconds, 1),  # training only, all runs of a resumed model together
+        }
+        if earlier_commands:
+            record["earlier_commands"] = earlier_commands
+        return record
+
+    while step < args.steps:
+        x0, labels = data.batch(args.batch_size, generator, toy_generator, device)
+        noise = torch.randn(x0.shape, device=device, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), device=device, generator=generator)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        kwargs = {}
+        if labels is not None:
+            dropped = torch.rand(len(labels), device=device, generator=generator) < args.label_dropout
+            kwargs["class_labels"] = torch.where(dropped, null_class, labels)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            eps = network(noisy, timesteps, **kwargs).sample
+        loss = F.mse_loss(eps.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), GRAD_CLIP)
+        optimizer.step()
+        ema.update_parameters(network)
+        step += 1
+        interval_losses.append(loss.detach())
+
+        seconds = earlier_seconds + time.perf_counter() - started
+        out_of_time = args.max_minutes and seconds - earlier_seconds > args.max_minutes * 60
+        if step % LOG_EVERY == 0 or step == args.steps or out_of_time:
+            mean_loss = torch.stack(interval_losses).mean().item()
+            interval_losses = []
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} at step {step}")
+            log_rows.append({"step": step, "loss": f"{mean_loss:.5f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}",
+                             "seconds": f"{seconds:.1f}"})
+            report(f"step {step:6d}  loss {mean_loss:.4f}  {seconds:7.1f} s")
+        if step % args.checkpoint_every == 0 and step < args.steps and not out_of_time:
+            _save(args.out, data, network, ema, optimizer, step, training_record(None, seconds), log_rows)
+        if out_of_time:
+            report(f"stopping after {args.max_minutes} minutes at step {step}; --resume {args.out} continues")
+            break
+
+    seconds = earlier_seconds + time.perf_counter() - started
+    ema.module.eval()
+    final_ema_loss = round(evaluation_loss(ema.module, data, scheduler, device), 5)
+    _save(args.out, data, network, ema, optimizer, step, training_record(final_ema_loss, seconds), log_rows)
+    report(f"final EMA loss {final_ema_loss:.4f} at step {step}; wrote {args.out}")
+    if log_file:
+        log_file.close()
+    return args.out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m d2dpm.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
