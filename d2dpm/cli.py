@@ -1,4 +1,4 @@
-"""`d2dpm` command line: stats, compare, train (and what the app and the benchmarks call).
+"""`d2dpm` command line: stats, compare, train, evaluate, bench.
 
 Bad input prints one line naming the argument and the allowed values, and exits 2.
 """
@@ -118,14 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output folder")
     compare.set_defaults(handler=run_compare)
 
-    try:
-        from .train import add_train_arguments, run_train
-    except ImportError:  # the training module is optional at run time
-        pass
-    else:
-        train = commands.add_parser("train", help="train an ε-model (emoji, fashion, toy2d) with the DDPM objective")
-        add_train_arguments(train)
-        train.set_defaults(handler=lambda args: (print(f"wrote {run_train(args)}"), 0)[1])
+    from .bench import add_bench_arguments, run_bench_command
+    from .evaluate import add_evaluate_arguments, run_evaluate
+    from .train import add_train_arguments, run_train
+
+    train = commands.add_parser("train", help="train an ε-model (emoji, fashion, toy2d) with the DDPM objective")
+    add_train_arguments(train)
+    train.set_defaults(handler=lambda args: (print(f"wrote {run_train(args)}"), 0)[1])
+
+    evaluate = commands.add_parser("evaluate", help="a paper-style results table: methods × bits × η, distances to the data")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(handler=run_evaluate)
+
+    bench = commands.add_parser("bench", help="speed and memory figures as one JSON object")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=run_bench_command)
     return parser
 
 
