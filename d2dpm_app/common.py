@@ -16,7 +16,7 @@ import pandas as pd
 
 from d2dpm.corrections import METHODS, method_for_switches
 from d2dpm.errors import ConfigError, check_int_range
-from d2dpm.experiment import MAX_IMAGES, CompareConfig, ComparisonResult, default_workbench
+from d2dpm.experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, CompareConfig, ComparisonResult, default_workbench
 from d2dpm.figures import auto_scale, comparison_grid, method_label, step_images
 
 DEFAULT_MODEL = os.environ.get("D2DPM_APP_MODEL", "emoji")
@@ -117,7 +117,7 @@ def check_budget(num_images: int, methods: tuple[str, ...], steps: int) -> int:
 
 def build_config(model: str, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                  mean: bool = True, variance: bool = True, modes=("S-D²", "D-D²"), ptqd: bool = True, oracle: bool = False,
-                 calib_samples=128, granularity: str = "channel") -> CompareConfig:
+                 calib_samples=DEFAULT_CALIB_SAMPLES, granularity: str = "channel") -> CompareConfig:
     """Widget values → a validated-enough CompareConfig (the core validates the rest). Raises ConfigError."""
     summary = describe_model(model)
     if not summary.ok:

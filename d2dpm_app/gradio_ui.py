@@ -211,7 +211,7 @@ def build_demo() -> gr.Blocks:
                                 ptqd = gr.Checkbox(True, label="PTQD baseline row")
                                 oracle = gr.Checkbox(False, label="Oracle row", info="subtracts the true Δ")
                         with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-                            calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=128, step=1, label="Calibration trajectories",
+                            calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=common.DEFAULT_CALIB_SAMPLES, step=1, label="Calibration trajectories",
                                                       info="used when no shipped or cached statistics match", elem_id="calib-samples")
                             granularity = gr.Radio(["channel", "tensor"], value="channel", label="Noise model granularity")
                             gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
@@ -258,7 +258,8 @@ def build_demo() -> gr.Blocks:
         view_outputs = [deviation_plot, dev_step, hist_plot, joint_plot, dev_caption, traj_plot, moments_plot,
                         traj_step, x0_image, traj_caption, particles_plot, psnr_plot]
         run.click(validate, controls, None, api_name="validate", show_progress="hidden").success(
-            run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare", concurrency_limit=2
+            run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare", concurrency_limit=2,
+            show_progress_on=[samples],
         ).success(refresh_views, state, view_outputs, api_name="views")
         dev_step.release(deviation_step, [state, dev_step], [hist_plot, joint_plot, dev_caption], api_name="deviation_step")
         traj_step.release(trajectory_step, [state, traj_step], [x0_image, traj_caption], api_name="trajectory_step")

@@ -200,7 +200,7 @@ def compare_page() -> None:
         ptqd = col_p.checkbox("PTQD row", True, key="ptqd")
         oracle = col_o.checkbox("Oracle row", False, key="oracle", help="subtracts the true Δ: an upper bound")
         with st.expander("Advanced"):
-            calib_samples = st.slider("Calibration trajectories", 2, common.MAX_CALIB_SAMPLES, 128, key="calib_samples",
+            calib_samples = st.slider("Calibration trajectories", 2, common.MAX_CALIB_SAMPLES, common.DEFAULT_CALIB_SAMPLES, key="calib_samples",
                                       help="used when no shipped or cached statistics match")
             granularity = st.radio("Noise model granularity", ["channel", "tensor"], horizontal=True, key="granularity")
             st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
