@@ -103,3 +103,36 @@ def test_the_default_model_is_emoji_and_its_absence_is_explained(client):
         assert "emoji" in message
     w, a = client.predict("W4A6", api_name="/preset")
     assert (w["value"], a["value"]) == (4, 6)
+
+
+# -- the widget → configuration layer both UIs share (no server needed)
+
+def test_switches_select_the_methods():
+    from d2dpm_app.common import methods_from_switches
+
+    assert methods_from_switches(True, True, ["S-D²", "D-D²"], True, False) == ("fp", "q", "ptqd", "s-d2", "d-d2")
+    assert methods_from_switches(True, False, ["S-D²", "D-D²"], False, True) == ("fp", "q", "mean-only", "oracle")
+    assert methods_from_switches(False, True, ["D-D²"], False, False) == ("fp", "q", "var-only")
+    assert methods_from_switches(False, False, ["S-D²"], False, False) == ("fp", "q")
+
+
+def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_model_dir):
+    from d2dpm.errors import ConfigError
+    from d2dpm_app import common
+
+    config = common.build_config(str(conditional_model_dir), 4.0, 6.0, 10.0, 0.5, 2.5, "2: class 2", 7.0, 3.0)
+    assert (config.w_bits, config.a_bits, config.steps, config.class_label, config.seed, config.guidance) == (4, 6, 10, 2, 7, 2.5)
+    assert config.calib_samples == common.DEFAULT_CALIB_SAMPLES
+    assert common.build_config(str(conditional_model_dir), 4, 8, 10, 0, 3, common.ALL_CLASSES, 0, 3).class_label is None
+    steps = common.MAX_IMAGE_STEPS // (5 * 8)
+    common.build_config(str(conditional_model_dir), 4, 8, steps, 0, 3, None, 0, 8)  # exactly at the cap
+    with pytest.raises(ConfigError, match="image-steps") as error:
+        common.build_config(str(conditional_model_dir), 4, 8, steps + 1, 0, 3, None, 0, 8)
+    assert error.value.argument == "num_images"
+    with pytest.raises(ConfigError, match="mode"):
+        common.build_config(str(conditional_model_dir), 4, 8, 10, 0, 3, None, 0, 2, modes=["X"])
+    summary = common.describe_model("emoji")
+    if not (ROOT / "assets" / "models" / "emoji").is_dir():
+        assert not summary.ok and "not installed" in summary.message
+    else:
+        assert summary.ok and summary.conditional and len(summary.class_choices()) == len(summary.class_names) + 1
