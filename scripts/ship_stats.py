@@ -19,7 +19,8 @@ from d2dpm.experiment import SHIPPED_STATS_DIR, CompareConfig
 from d2dpm.models import ASSETS_DIR, EMBEDDED_MODELS, load_model
 
 # The paper's bit-widths at 20 DDIM steps, deterministic and DDPM-like, guidance 3 (1 for toy2d).
-IMAGE_SETTINGS = [(w, a, eta) for (w, a) in [(8, 8), (4, 8), (4, 6)] for eta in (0.0, 1.0)]
+# The app's default view (W4A8, η = 0) comes first.
+IMAGE_SETTINGS = [(w, a, eta) for eta in (0.0, 1.0) for (w, a) in [(4, 8), (8, 8), (4, 6)]]
 TOY_SETTINGS = [(4, 8, 0.0), (4, 8, 1.0)]
 
 
