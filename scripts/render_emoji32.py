@@ -66,7 +66,7 @@ def render(font: ImageFont.FreeTypeFont, text: str, glyph_width: float) -> Image
     """
     if abs(font.getlength(text) - glyph_width) > 0.5:
         return None
-    left, top, right, bottom = font.getbbox(text)
+    _, _, right, bottom = font.getbbox(text)  # drawn at (0, 0), so the box starts there
     glyph = Image.new("RGBA", (right, bottom), (0, 0, 0, 0))
     ImageDraw.Draw(glyph).text((0, 0), text, font=font, embedded_color=True)
     if glyph.getchannel("A").getbbox() is None:

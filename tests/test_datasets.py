@@ -6,8 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2dpm.datasets import (FASHION_CLASSES, FASHION_DIR, TOY_RING_MODES, TOY_RING_RADIUS, TOY_SCALE, load_emoji32,
-                            load_fashion_mnist, sample_toy2d, toy2d_log_density)
+from d2dpm.datasets import (
+    FASHION_CLASSES,
+    FASHION_DIR,
+    TOY_RING_MODES,
+    TOY_RING_RADIUS,
+    TOY_SCALE,
+    load_emoji32,
+    load_fashion_mnist,
+    sample_toy2d,
+    toy2d_log_density,
+)
 
 
 def test_emoji32_shapes_range_and_labels():
