@@ -51,7 +51,7 @@ def absorb_variance(coeff: StepCoefficients, residual_std: torch.Tensor | float,
     sigma_prime = (coeff.sigma**2 - absorbed).clamp_min(0.0).sqrt()
     if sigma_prime.dim() == 0:
         return float(sigma_prime)
-    return sigma_prime.to(like.dtype).view(_broadcast_shape(like, "channel"))
+    return sigma_prime.to(like).view(_broadcast_shape(like, "channel"))
 
 
 class DualDenoising(Correction):
@@ -83,7 +83,7 @@ class DualDenoising(Correction):
             if self.mode == "stochastic":  # subtract a draw of the residual noise
                 if extra_noise is None:
                     raise ValueError("S-D² needs extra_noise z' (a standard normal draw shaped like ε̂)")
-                eps = eps - residual.to(eps.dtype).view(_broadcast_shape(eps, self.granularity)) * extra_noise
+                eps = eps - residual.to(eps).view(_broadcast_shape(eps, self.granularity)) * extra_noise
             else:  # absorb it into the step's own noise
                 sigma = absorb_variance(coeff, residual, eps)
         return Corrected(eps, sigma)
@@ -99,7 +99,7 @@ class PTQDCorrection(Correction):
         _check_step(self.stats, coeff)
         i = coeff.index
         gain = 1.0 + float(self.stats.ptqd_k[i])
-        bias = self.stats.ptqd_bias[i].to(eps_hat.dtype).view(_broadcast_shape(eps_hat, "channel"))
+        bias = self.stats.ptqd_bias[i].to(eps_hat).view(_broadcast_shape(eps_hat, "channel"))
         eps = (eps_hat - bias) / gain
         return Corrected(eps, absorb_variance(coeff, float(self.stats.ptqd_sigma[i]) / gain, eps_hat))
 

@@ -260,6 +260,7 @@ class Workbench:
         tracks = [Track(name, METHODS[name].network, make_correction(name, stats, config.granularity)) for name in config.methods]
         noise = SamplerNoise.draw(config.num_images, model.sample_shape, config.steps, config.seed, self.device)
         labels = self._labels(model, config)
+        labels = labels.to(self.device) if labels is not None else None
 
         records = []
         for step_records in sample(schedule, predictors, tracks, noise, labels, config.guidance):

@@ -125,7 +125,8 @@ class NoiseStatistics:
         slope = rho * (fit["var_y"][step] / fit["var_x"][step]).sqrt()
         mu_x, mu_y = fit["mu_x"][step], fit["mu_y"][step]
         shape = _broadcast_shape(eps_hat, granularity)
-        return (mu_y.view(shape) + slope.view(shape) * (eps_hat - mu_x.view(shape).to(eps_hat))).to(eps_hat.dtype)
+        mu_x, mu_y, slope = (value.to(eps_hat).view(shape) for value in (mu_x, mu_y, slope))
+        return mu_y + slope * (eps_hat - mu_x)
 
     # -- tables
 
