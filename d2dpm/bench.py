@@ -189,6 +189,19 @@ def sampler_throughput(workbench, model_spec: str, batch: int, steps: int, guida
     return out
 
 
+def _figure_arguments(argv: list[str]) -> list[str]:
+    """The command-line arguments that shape the figures (output paths left out)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--markdown"):
+            skip = True
+        elif not arg.startswith(("--out=", "--markdown=")):
+            kept.append(arg)
+    return kept
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     from .calibration import calibrate
     from .corrections import Correction, make_correction
@@ -209,7 +222,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     device = workbench.device
     report: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "d2dpm bench " + " ".join(sys.argv[1:]) if args.record_argv else None,
+        "command": "d2dpm bench " + " ".join(_figure_arguments(sys.argv[1:])) if args.record_argv else None,
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
