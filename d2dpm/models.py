@@ -24,7 +24,8 @@ EMBEDDED_MODELS = ("emoji", "fashion", "toy2d")
 MODEL_META_FILE = "d2dpm_model.json"
 ALLOWED_MODELS = "emoji, fashion, toy2d, a local diffusers model folder, or a Hugging Face hub id (owner/name)"
 
-# The scheduler of DDPM (Ho et al.) used by google/ddpm-* and by our training: for a bare UNet folder.
+# DDPM (Ho et al.): 1000 steps, linear β from 1e-4 to 0.02, as google/ddpm-* use. Our training
+# writes it beside every model; a bare UNet folder with no scheduler gets it too.
 DEFAULT_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -33,6 +34,7 @@ DEFAULT_SCHEDULER_CONFIG = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 0,
+    "timestep_spacing": "leading",
     "prediction_type": "epsilon",
 }
 

@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .datasets import load_emoji32, load_fashion_mnist, sample_toy2d
+from .models import DEFAULT_SCHEDULER_CONFIG
 from .toy import ToyEpsMLP
 
 DATASETS = ("emoji", "fashion", "toy2d")
@@ -34,18 +35,6 @@ DEFAULTS = {
     "emoji": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000},
     "fashion": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000},
     "toy2d": {"steps": 5000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.998, "cooldown_steps": 1000},
-}
-# DDPM (Ho et al.): 1000 steps, linear β from 1e-4 to 0.02. The sampler is DDIM on the same ᾱ.
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 0,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
 }
 WARMUP_STEPS = 500
 GRAD_CLIP = 1.0
@@ -203,7 +192,7 @@ def _save(out: Path, data: TrainingData, network, ema: AveragedModel, optimizer,
           log_rows: list[dict]) -> None:
     subfolder = "unet" if data.kind == "image" else "network"
     ema.module.save_pretrained(out / subfolder, safe_serialization=True)
-    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    DDIMScheduler(**DEFAULT_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     meta = {
         "name": data.name,
         "kind": data.kind,
@@ -242,7 +231,7 @@ def run_train(args: argparse.Namespace) -> Path:
     data = load_training_data(args.dataset, device)
     network = build_network(data).to(device).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    scheduler = DDIMScheduler(**DEFAULT_SCHEDULER_CONFIG)
     generator = torch.Generator(device).manual_seed(args.seed)
     toy_generator = torch.Generator().manual_seed(args.seed)
     null_class = data.num_classes
