@@ -34,10 +34,11 @@ DATASETS = ("emoji", "fashion", "toy2d")
 DEFAULTS = {
     "emoji": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000},
     "fashion": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000},
-    "toy2d": {"steps": 5000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.998, "cooldown_steps": 1000},
+    "toy2d": {"steps": 8000, "batch_size": 256, "lr": 2e-3, "ema_decay": 0.998, "cooldown_steps": 3000},
 }
 WARMUP_STEPS = 500
 GRAD_CLIP = 1.0
+TOY_INPUT_FREQUENCIES = 6  # Fourier features 2^0..2^5 of the toy point: resolve the ring and spiral widths (~0.07)
 LOG_EVERY = 100
 EVAL_SIZE = 2048  # fixed (x0, t, noise) triples on which the final EMA loss is measured
 CHECKPOINT_FILE = Path("checkpoint") / "training_state.pt"
@@ -106,7 +107,7 @@ def load_training_data(dataset: str, device: torch.device) -> TrainingData:
 
 def build_network(data: TrainingData) -> torch.nn.Module:
     if data.kind == "points":
-        return ToyEpsMLP()
+        return ToyEpsMLP(input_frequencies=TOY_INPUT_FREQUENCIES)
     return image_unet(data.sample_shape[0], data.num_classes)
 
 
@@ -133,11 +134,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (created)")
     parser.add_argument("--steps", type=int, help="total optimizer steps, counting those of a resumed run "
-                        "(default: emoji/fashion 20000, toy2d 5000)")
-    parser.add_argument("--batch-size", type=int, help="default 1024")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate after a 500-step warm-up (default 1e-3)")
+                        "(default: emoji/fashion 20000, toy2d 8000)")
+    parser.add_argument("--batch-size", type=int, help="default: 1024 for images, 256 for toy2d")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate after a 500-step warm-up (default: 1e-3 for images, 2e-3 for toy2d)")
     parser.add_argument("--cooldown-steps", type=int, help="anneal the learning rate to 0 (cosine) over the last N "
-                        "of --steps (default: 5000 for images, 1000 for toy2d)")
+                        "of --steps (default: 5000 for images, 3000 for toy2d)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--ema-decay", type=float, help="decay of the weight average that is saved "

@@ -8,12 +8,16 @@ from d2dpm.toy import ToyEpsMLP
 from d2dpm.train import main as train_main
 
 
-def test_toy_mlp_save_load_round_trips_bit_identically(tmp_path):
+@pytest.mark.parametrize("input_frequencies", [0, 6])
+def test_toy_mlp_save_load_round_trips_bit_identically(tmp_path, input_frequencies):
     torch.manual_seed(0)
-    network = ToyEpsMLP(hidden_size=64, num_layers=3).eval()
+    network = ToyEpsMLP(hidden_size=64, num_layers=3, input_frequencies=input_frequencies).eval()
     network.save_pretrained(tmp_path, safe_serialization=True)
     loaded = ToyEpsMLP.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
     assert loaded.config.hidden_size == 64 and loaded.config.num_layers == 3
+    assert loaded.config.input_frequencies == input_frequencies
+    # The first layer sees (x, y), their sin/cos at each frequency, and the time embedding.
+    assert loaded.mlp[0].in_features == 2 * (1 + 2 * input_frequencies) + 64
     x, t = torch.randn(16, 2), torch.randint(0, 1000, (16,))
     with torch.no_grad():
         assert torch.equal(network(x, t).sample, loaded(x, t).sample)
