@@ -103,7 +103,8 @@ def _load_network(network_class: str, folder: Path) -> nn.Module:
     if network_class == "UNet2DModel":
         from diffusers import UNet2DModel
 
-        network = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+        # Channels-last convolutions are ~10–20 % faster on CPU (oneDNN's native layout); inputs may stay NCHW.
+        network = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(memory_format=torch.channels_last)
     elif network_class == "ToyEpsMLP":
         from .toy import ToyEpsMLP
 

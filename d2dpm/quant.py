@@ -83,7 +83,8 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int, range_method: str) -> 
             better = error < best_error
             best = torch.where(better[:, None], quantized, best)
             best_error = torch.minimum(error, best_error)
-    return best.reshape(weight.shape).to(weight.dtype)
+    # empty_like keeps the weight's memory layout (channels-last for image networks, see models.py).
+    return torch.empty_like(weight).copy_(best.reshape(weight.shape))
 
 
 def _tensor_range(values: torch.Tensor, low: float, high: float, bits: int, range_method: str) -> tuple[float, int]:
@@ -214,9 +215,11 @@ def quantize_activation(x: torch.Tensor, scale: float, zero_point: int, bits: in
     """x̃ = s·(clamp(round(x/s) + z, 0, 2^b − 1) − z), per tensor.
 
     Clamping x to the grid's range [−z·s, (2^b − 1 − z)·s] first lets the 8-bit kernel serve any
-    b ≤ 8: every value then rounds to one of the 2^b levels."""
-    low, high = -zero_point * scale, (2**bits - 1 - zero_point) * scale
-    return torch.quantize_per_tensor(x.clamp(low, high), scale, zero_point, torch.quint8).dequantize()
+    b < 8: every value then rounds to one of the 2^b levels. At b = 8 the kernel's own clamp to
+    [0, 255] is that range, and the extra pass over the tensor is skipped."""
+    if bits < 8:
+        x = x.clamp(-zero_point * scale, (2**bits - 1 - zero_point) * scale)
+    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
 
 
 class QuantizedLayer(nn.Module):
