@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_METHODS = ("fp", "q", "ptqd", "s-d2", "d-d2")
 DEFAULT_CALIB_SAMPLES = 128
 MAX_IMAGES = 64
+MAX_POINTS = 4096  # a toy2d "image" is one 2-D point: a cloud of thousands costs less than one 32×32 image
 MAX_GUIDANCE = 20.0
 SHIPPED_STATS_DIR = ASSETS_DIR / "stats"
 
@@ -100,7 +101,7 @@ class CompareConfig:
             class_label=class_label,
             methods=parse_methods(self.methods),
             seed=check_int_range("seed", self.seed, 0, 2**63 - 1),
-            num_images=check_int_range("num_images", self.num_images, 1, MAX_IMAGES),
+            num_images=check_int_range("num_images", self.num_images, 1, MAX_POINTS if model.kind == "points" else MAX_IMAGES),
             calib_samples=check_int_range("calib_samples", self.calib_samples, 2, 4096),
         )
 
