@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import socket
 import statistics
 import subprocess
@@ -222,7 +223,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     device = workbench.device
     report: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "d2dpm bench " + " ".join(_figure_arguments(sys.argv[1:])) if args.record_argv else None,
+        "command": shlex.join(["d2dpm", *_figure_arguments(args.argv)]) if getattr(args, "argv", None) else None,
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -423,7 +424,6 @@ def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     args.calib_samples = args.calib_samples or (4 if quick else 128)
     args.calib_repeats = args.calib_repeats or 1
-    args.record_argv = True
     return args
 
 
@@ -441,16 +441,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import ConfigError
+    """`python -m d2dpm.bench ARGS` is `d2dpm bench ARGS`."""
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="d2dpm bench", description="speed and memory figures, one JSON object")
-    add_bench_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_bench_command(args)
-    except ConfigError as error:
-        print(f"d2dpm bench: error: --{error.argument.replace('_', '-')}: got {error.given!r}; allowed: {error.allowed}", file=sys.stderr)
-        return 2
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

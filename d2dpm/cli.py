@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for the records that evaluate and bench write
     try:
         return args.handler(args)
     except ConfigError as error:  # name the command-line flag, not the Python field

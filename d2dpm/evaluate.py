@@ -1,7 +1,7 @@
 """`d2dpm evaluate`: a paper-style results table over bit-widths × η × methods, spread over seeds.
 
 For every cell (model, W/A bits, η, guidance, seed) the methods are sampled side by side from the
-same noise (`Workbench.compare`, in chunks of at most 64 images), then each method's N samples get:
+same noise (`Workbench.compare`, in chunks of at most 64 images or 4096 toy points), then each method's N samples get:
 
 - size MB, BOPs, compression and BOP ratios (from the comparison);
 - MSE and PSNR to the FP samples drawn from the same noise;
@@ -37,7 +37,6 @@ from .errors import ConfigError
 
 DEFAULT_METHODS = "fp,q,ptqd,s-d2,d-d2,mean-only,var-only,oracle"
 DISTANCE_NAMES = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "toy")
-MAX_CHUNK = 64
 METRIC_COLUMNS = ("mse_to_fp", "psnr_to_fp", "swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "energy", "nll")
 LOWER_IS_BETTER = {"mse_to_fp": True, "psnr_to_fp": False, "swd": True, "fd_fashioncnn": True, "fd_effnetlite0": True,
                    "fid_inception": True, "energy": True, "nll": True}
@@ -262,11 +261,11 @@ class EvaluateConfig:
     diagnostic_samples: int = 32
 
 
-def _chunk_seeds(seed: int, num_samples: int) -> list[tuple[int, int]]:
+def _chunk_seeds(seed: int, num_samples: int, chunk_size: int) -> list[tuple[int, int]]:
     """(compare seed, images) per chunk: chunk c of seed s uses seed s·1000 + c."""
     chunks, left, c = [], num_samples, 0
     while left > 0:
-        size = min(MAX_CHUNK, left)
+        size = min(chunk_size, left)
         chunks.append((seed * 1000 + c, size))
         left -= size
         c += 1
@@ -276,13 +275,15 @@ def _chunk_seeds(seed: int, num_samples: int) -> list[tuple[int, int]]:
 def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: float, guidance, cfg: EvaluateConfig,
                   seed: int, suite: DistanceSuite, progress=None, include_fp: bool = True) -> tuple[list[dict], object]:
     """One configuration and seed: all methods on N shared-noise samples; one row per method."""
-    from .experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
+    from .experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig
     from .metrics import per_image_errors
+    from .models import load_model
 
     samples: dict[str, list[torch.Tensor]] = {}
     labels: list[torch.Tensor] = []
     result = None
-    for chunk_seed, size in _chunk_seeds(seed, cfg.num_samples):
+    chunk_size = MAX_POINTS if load_model(model_spec).kind == "points" else MAX_IMAGES  # compare's own limit
+    for chunk_seed, size in _chunk_seeds(seed, cfg.num_samples, chunk_size):
         config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=cfg.steps, eta=eta, guidance=guidance,
                                methods=cfg.methods, seed=chunk_seed, num_images=size,
                                calib_samples=cfg.calib_samples or DEFAULT_CALIB_SAMPLES)
@@ -498,18 +499,6 @@ def results_markdown(table: pd.DataFrame, header: str = "") -> str:
 # Command
 
 
-def command_line(argv: list[str]) -> str:
-    """How this process was started, as a command to paste (the d2dpm entry point or python -m)."""
-    if not argv:
-        return ""
-    program = Path(argv[0]).name
-    if program == "evaluate.py":
-        return shlex.join(["python", "-m", "d2dpm.evaluate", *argv[1:]])
-    if len(argv) > 1 and argv[1] == "evaluate":
-        return shlex.join(["d2dpm", *argv[1:]])
-    return ""  # called from Python: the arguments are in run.json
-
-
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="emoji", help="comma-separated: emoji, fashion, toy2d or model folders (default emoji)")
     parser.add_argument("--bits", default="W8A8,W4A8,W4A6", help="comma-separated W/A settings (default W8A8,W4A8,W4A6)")
@@ -517,7 +506,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", default="0,1", help="comma-separated DDIM η values in [0, 1] (default 0,1)")
     parser.add_argument("--guidance", default=None, help="comma-separated guidance scales (default: 3 for class-conditional models, 1 otherwise)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    parser.add_argument("--num-samples", type=int, default=64, help="samples per cell and seed (chunks of 64; default 64)")
+    parser.add_argument("--num-samples", type=int, default=64, help="samples per cell and seed (in chunks of 64 images or 4096 points; default 64)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the spread is over these (default 0,1,2)")
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (default 128)")
     parser.add_argument("--distances", default="swd,fd_fashioncnn,fd_effnetlite0,fid_inception,toy",
@@ -595,7 +584,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     per_seed = pd.DataFrame(rows)
     table = aggregate(per_seed)
     table.to_csv(out / "results.csv", index=False)
-    command = getattr(args, "command_line", None) or command_line(sys.argv)
+    command = shlex.join(["d2dpm", *args.argv]) if getattr(args, "argv", None) else ""  # empty when called from Python
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (f"# d2dpm evaluate\n\n{cfg.steps} DDIM steps; seeds {','.join(map(str, cfg.seeds))}; {cfg.num_samples} samples per cell and seed; "
               f"device {workbench.device}, {torch.get_num_threads()} threads; {time.time() - started:.0f} s; {date}.\n"
@@ -621,16 +610,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="d2dpm evaluate", description="results table: bits × η × methods, distances to data, spread over seeds")
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(argv)
-    if argv is not None:
-        args.command_line = shlex.join(["d2dpm", "evaluate", *argv])
-    try:
-        return run_evaluate(args)
-    except ConfigError as error:
-        print(f"d2dpm evaluate: error: --{error.argument.replace('_', '-')}: got {error.given!r}; allowed: {error.allowed}", file=sys.stderr)
-        return 2
+    """`python -m d2dpm.evaluate ARGS` is `d2dpm evaluate ARGS`."""
+    from .cli import main as cli_main
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir,
     assert report["calibration"]["median_s"] > 0 and report["calibration"]["calib_samples"] == 4
     assert report["app_cold_start"]["seconds"] is None and "skipped" in report["app_cold_start"]["note"]
     assert report["peak_rss_mb"] > 0
+    # The record says how to reproduce the figures: the subcommand once, no output paths.
+    assert report["command"].startswith("d2dpm bench --model ") and "--quick" in report["command"]
+    assert "--out" not in report["command"] and "bench bench" not in report["command"]
 
 
 def test_app_cold_start_times_the_first_http_answer(tmp_path):
