@@ -6,7 +6,6 @@ Bad input prints one line naming the argument and the allowed values, and exits 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -76,25 +75,16 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .experiment import default_workbench
-    from .figures import comparison_grid
+    from .figures import write_outputs
 
     config = _config(args, class_label=args.class_label, methods=args.methods, seed=args.seed, num_images=args.num_images,
                      stats_path=args.stats, granularity=args.granularity)
     result = default_workbench().compare(config, progress=_progress_printer("calibrating"))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = result.config
-    title = f"{result.model.name}  W{cfg.w_bits}A{cfg.a_bits}  {cfg.steps} steps  η={cfg.eta:g}  guidance {cfg.guidance:g}  seed {cfg.seed}"
-    names = result.model.class_names
-    column_titles = [names[i] for i in result.labels.tolist()] if result.labels is not None and names else None
-    comparison_grid(result.samples, result.model.kind, column_titles=column_titles, title=title).save(out / "grid.png")
-    result.metrics.to_csv(out / "metrics.csv", index=False)
-    result.per_image.to_csv(out / "per_image.csv", index=False)
-    result.trajectory.to_csv(out / "trajectory.csv", index=False)
-    result.stats_table.to_csv(out / "stats.csv", index=False)
-    (out / "run.json").write_text(json.dumps(result.run_info(), indent=2))
-    print(result.metrics[["method", "bits", "mse_to_fp", "psnr_to_fp", "size_mb", "gbops"]].to_string(index=False))
-    print(f"wrote grid.png, metrics.csv, per_image.csv, trajectory.csv, stats.csv, run.json to {out}")
+    written = write_outputs(result, out)
+    summary = result.metrics[["method", "bits", "mse_to_fp", "psnr_to_fp", "size_mb", "gbops"]]
+    print(summary.dropna(axis=1, how="all").to_string(index=False))  # points have no PSNR
+    print(f"wrote {', '.join(path.name for path in written)} to {out}")
     return 0
 
 

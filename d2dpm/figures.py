@@ -8,6 +8,8 @@ rows to the curves. Nothing here imports a UI library.
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,8 +137,13 @@ def points_panel(points: torch.Tensor, size: int, extent: float = 3.0, reference
     if reference is not None:
         for x, y in to_pixels(reference):
             draw.point((x, size - 1 - y), fill=(200, 200, 200))
+    # Dots shrink as the cloud grows, so thousands of points still show the density's thin structure.
+    radius = 2 if len(points) <= 256 else 1 if len(points) <= 1024 else 0
     for x, y in to_pixels(points):
-        draw.ellipse((x - 2, size - 3 - y, x + 2, size + 1 - y), fill=_rgb(color))
+        if radius:
+            draw.ellipse((x - radius, size - 1 - radius - y, x + radius, size - 1 + radius - y), fill=_rgb(color))
+        else:
+            draw.point((x, size - 1 - y), fill=_rgb(color))
     draw.rectangle((0, 0, size - 1, size - 1), outline=(180, 180, 180))
     return panel
 
@@ -150,7 +157,7 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
     heat-map of |x − x_FP| (white = identical to FP), on one colour scale shared by all rows.
     """
     if kind != "image":
-        return points_grid(samples, size=56 * scale, title=title)
+        return points_grid(samples, size=80 * scale, title=title)
     rows = []
     vmax = difference_scale(samples) if differences and "fp" in samples else None
     for method, batch in samples.items():
@@ -168,6 +175,46 @@ def auto_scale(batch: torch.Tensor, target: int = 96, minimum: int = 2) -> int:
     """The nearest-neighbour upscaling that makes an image tile about `target` pixels high."""
     height = batch.shape[-2] if batch.dim() == 4 else target
     return max(minimum, round(target / max(height, 1)))
+
+
+def run_title(result) -> str:
+    """One line naming a comparison: model, bits, sampler, guidance (class-conditional models), seed."""
+    cfg = result.config
+    return (f"{result.model.name}  W{cfg.w_bits}A{cfg.a_bits}  {cfg.steps} steps  η={cfg.eta:g}"
+            + (f"  guidance {cfg.guidance:g}" if result.model.conditional else "") + f"  seed {cfg.seed}")
+
+
+def column_titles(result) -> list[str] | None:
+    """The class name above each image column, for class-conditional models."""
+    names = result.model.class_names
+    if result.labels is None or not names:
+        return None
+    return [names[i] for i in result.labels.tolist()]
+
+
+def result_grid(result, differences: bool = False) -> Image.Image:
+    """A comparison's final samples, one labelled row per method (with `differences`, each
+    method's heat-map row against FP under it)."""
+    return comparison_grid(result.samples, result.model.kind, scale=auto_scale(result.samples["fp"]),
+                           column_titles=column_titles(result), title=run_title(result), differences=differences)
+
+
+def write_outputs(result, folder, differences: bool = False) -> list[Path]:
+    """The files of a comparison, as `d2dpm compare --out` and the apps' downloads give them:
+    grid.png, metrics.csv, per_image.csv, trajectory.csv, stats.csv, run.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writers = {
+        "grid.png": lambda path: result_grid(result, differences).save(path),
+        "metrics.csv": lambda path: result.metrics.to_csv(path, index=False),
+        "per_image.csv": lambda path: result.per_image.to_csv(path, index=False),
+        "trajectory.csv": lambda path: result.trajectory.to_csv(path, index=False),
+        "stats.csv": lambda path: result.stats_table.to_csv(path, index=False),
+        "run.json": lambda path: path.write_text(json.dumps(result.run_info(), indent=2)),
+    }
+    for name, write in writers.items():
+        write(folder / name)
+    return [folder / name for name in writers]
 
 
 def points_extent(samples: dict[str, torch.Tensor], reference: str = "fp", minimum: float = 3.0) -> float:

@@ -6,7 +6,6 @@ No UI library is imported here; `gradio_ui` and `streamlit_ui` are thin layers o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import pandas as pd
 from d2dpm.corrections import METHODS, method_for_switches
 from d2dpm.errors import ConfigError, check_int_range
 from d2dpm.experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, CompareConfig, ComparisonResult, default_workbench
-from d2dpm.figures import auto_scale, comparison_grid, method_label, step_images
+from d2dpm.figures import auto_scale, comparison_grid, method_label, result_grid, run_title, step_images, write_outputs
 
 DEFAULT_MODEL = os.environ.get("D2DPM_APP_MODEL", "emoji")
 MODEL_CHOICES = ["emoji", "fashion", "toy2d"]
@@ -161,23 +160,9 @@ SOURCE_TEXT = {
 }
 
 
-def run_title(result: ComparisonResult) -> str:
-    cfg = result.config
-    return (f"{result.model.name}  W{cfg.w_bits}A{cfg.a_bits}  {cfg.steps} steps  η={cfg.eta:g}"
-            + (f"  guidance {cfg.guidance:g}" if result.model.conditional else "") + f"  seed {cfg.seed}")
-
-
-def column_titles(result: ComparisonResult) -> list[str] | None:
-    names = result.model.class_names
-    if result.labels is None or not names:
-        return None
-    return [names[i] for i in result.labels.tolist()]
-
-
 def final_grid(result: ComparisonResult):
     """Rows FP | quantized | corrections, each correction with its heat-map row against FP."""
-    return comparison_grid(result.samples, result.model.kind, scale=auto_scale(result.samples["fp"]),
-                           column_titles=column_titles(result), title=run_title(result), differences=True)
+    return result_grid(result, differences=True)
 
 
 def progress_grid(x0: dict, kind: str, step: int, total: int):
@@ -235,23 +220,8 @@ def summary_markdown(result: ComparisonResult, seconds: float | None = None) -> 
 
 
 def write_downloads(result: ComparisonResult, folder: Path) -> list[Path]:
-    """The grid PNG and the per-step tables as CSV (the files `d2dpm compare --out` writes, same names)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {
-        "grid.png": lambda p: final_grid(result).save(p),
-        "metrics.csv": lambda p: result.metrics.to_csv(p, index=False),
-        "per_image.csv": lambda p: result.per_image.to_csv(p, index=False),
-        "trajectory.csv": lambda p: result.trajectory.to_csv(p, index=False),
-        "stats.csv": lambda p: result.stats_table.to_csv(p, index=False),
-        "run.json": lambda p: p.write_text(json.dumps(result.run_info(), indent=2)),
-    }
-    paths = []
-    for name, write in files.items():
-        path = folder / name
-        write(path)
-        paths.append(path)
-    return paths
+    """The grid PNG (with its difference rows) and the per-step tables as CSV: the files and names of `d2dpm compare --out`."""
+    return write_outputs(result, folder, differences=True)
 
 
 def step_caption(result: ComparisonResult, step: int) -> str:
