@@ -82,8 +82,10 @@ def run_compare(args: argparse.Namespace) -> int:
     result = default_workbench().compare(config, progress=_progress_printer("calibrating"))
     out = Path(args.out)
     written = write_outputs(result, out)
-    summary = result.metrics[["method", "bits", "mse_to_fp", "psnr_to_fp", "size_mb", "gbops"]]
-    print(summary.dropna(axis=1, how="all").to_string(index=False))  # points have no PSNR
+    columns = ["method", "bits", "mse_to_fp", "psnr_to_fp", "size_mb", "gbops"]
+    if result.model.kind == "points":  # PSNR is defined for images in [0, 1]
+        columns.remove("psnr_to_fp")
+    print(result.metrics[columns].to_string(index=False))
     print(f"wrote {', '.join(path.name for path in written)} to {out}")
     return 0
 
