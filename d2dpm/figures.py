@@ -247,6 +247,13 @@ def points_grid(samples: dict[str, torch.Tensor], size: int = 240, title: str | 
     return grid
 
 
+def labelled_image_rows(rows: dict[str, torch.Tensor], scale: int = 3, title: str | None = None) -> Image.Image:
+    """Image batches as rows under plain text labels (e.g. one row per class), no method colours."""
+    tiles = {label: [Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+                     for image in to_uint8_images(batch)] for label, batch in rows.items()}
+    return _assemble([(label, row, None) for label, row in tiles.items()], None, title)
+
+
 COLORBAR_WIDTH = 140
 
 
