@@ -35,7 +35,7 @@ def run_app() -> None:
     st.set_page_config(page_title="D²-DPM demo", page_icon="🎛️", layout="wide")
     navigation = st.navigation(
         [
-            st.Page(compare_page, title="Compare", icon="🖼️", default=True, url_path="compare"),
+            st.Page(str(PAGES / "0_Compare.py"), title="Compare", icon="🖼️", default=True, url_path="compare"),
             st.Page(str(PAGES / "1_Deviation_curves.py"), title="Deviation curves", icon="📈", url_path="deviation"),
             st.Page(str(PAGES / "2_Trajectories.py"), title="Trajectories", icon="🧭", url_path="trajectories"),
             st.Page(str(PAGES / "3_Method.py"), title="Method", icon="📐", url_path="method"),
@@ -148,6 +148,23 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
+# -- settings that survive a page switch: Streamlit forgets a widget's state when its page is not
+# shown, so each setting is also kept under a plain key and used as the widget's starting value.
+
+
+def kept(key: str, default):
+    return st.session_state.get(f"_kept_{key}", default)
+
+
+def keep(key: str, value):
+    st.session_state[f"_kept_{key}"] = value
+    return value
+
+
+def _index(options: list, value) -> int:
+    return options.index(value) if value in options else 0
+
+
 # -- the pages
 
 def compare_page() -> None:
@@ -161,48 +178,57 @@ def compare_page() -> None:
         st.header("Settings")
         choices = [*common.MODEL_CHOICES, OTHER_MODEL]
         default = common.DEFAULT_MODEL if common.DEFAULT_MODEL in common.MODEL_CHOICES else OTHER_MODEL
-        choice = st.selectbox("Model", choices, index=choices.index(default), key="model_choice",
-                              help="the embedded models, or any diffusers model folder / hub id")
+        choice = keep("model_choice", st.selectbox("Model", choices, index=_index(choices, kept("model_choice", default)), key="model_choice",
+                                                   help="the embedded models, or any diffusers model folder / hub id"))
         model = choice
         if choice == OTHER_MODEL:
-            model = st.text_input("Model folder or hub id", value="" if default != OTHER_MODEL else common.DEFAULT_MODEL,
-                                  key="model_path", placeholder="path/to/diffusers/folder or owner/name")
+            model = keep("model_path", st.text_input("Model folder or hub id",
+                                                     value=kept("model_path", "" if default != OTHER_MODEL else common.DEFAULT_MODEL),
+                                                     key="model_path", placeholder="path/to/diffusers/folder or owner/name"))
         summary = common.describe_model(model)
         if summary.ok:
             st.caption(summary.message.replace("**", ""))
         else:
             st.warning(summary.message)
-        preset = st.radio("Bit-width preset", [*common.PRESETS, "custom"], index=list(common.PRESETS).index(common.DEFAULT_PRESET),
-                          horizontal=True, key="preset", help="weights / activations")
+        presets = [*common.PRESETS, "custom"]
+        preset = keep("preset", st.radio("Bit-width preset", presets, index=_index(presets, kept("preset", common.DEFAULT_PRESET)),
+                                         horizontal=True, key="preset", help="weights / activations"))
         w0, a0 = common.PRESETS.get(preset, common.PRESETS[common.DEFAULT_PRESET])
         custom = preset == "custom"
         col_w, col_a = st.columns(2)
-        w_bits = col_w.slider("Weight bits", 2, 8, w0, disabled=not custom, key=f"w_bits_{preset}")
-        a_bits = col_a.slider("Activation bits", 4, 8, a0, disabled=not custom, key=f"a_bits_{preset}")
+        w_bits = keep(f"w_bits_{preset}", col_w.slider("Weight bits", 2, 8, kept(f"w_bits_{preset}", w0), disabled=not custom, key=f"w_bits_{preset}"))
+        a_bits = keep(f"a_bits_{preset}", col_a.slider("Activation bits", 4, 8, kept(f"a_bits_{preset}", a0), disabled=not custom, key=f"a_bits_{preset}"))
         col_s, col_e = st.columns(2)
-        steps = col_s.slider("DDIM steps", 1, common.MAX_UI_STEPS, 20, key="steps")
-        eta = col_e.slider("η", 0.0, 1.0, 0.0, 0.05, key="eta", help="0 = deterministic DDIM, 1 = DDPM-like")
+        steps = keep("steps", col_s.slider("DDIM steps", 1, common.MAX_UI_STEPS, kept("steps", 20), key="steps"))
+        eta = keep("eta", col_e.slider("η", 0.0, 1.0, kept("eta", 0.0), 0.05, key="eta", help="0 = deterministic DDIM, 1 = DDPM-like"))
         guidance, class_choice = None, None
         if summary.ok and summary.conditional:
-            guidance = st.slider("Guidance scale", 0.0, 10.0, 3.0, 0.5, key="guidance", help="classifier-free guidance")
-            class_choice = st.selectbox("Class", summary.class_choices(), key="class_choice")
+            guidance = keep("guidance", st.slider("Guidance scale", 0.0, 10.0, kept("guidance", 3.0), 0.5, key="guidance",
+                                                  help="classifier-free guidance"))
+            classes = summary.class_choices()
+            class_choice = keep("class_choice", st.selectbox("Class", classes, index=_index(classes, kept("class_choice", classes[0])),
+                                                             key="class_choice"))
         col_seed, col_n = st.columns(2)
-        seed = col_seed.number_input("Seed", 0, 2**31 - 1, 0, step=1, key="seed")
-        num_images = col_n.slider("Images", 1, min(MAX_IMAGES, 32), 8, key="num_images")
+        seed = keep("seed", col_seed.number_input("Seed", 0, 2**31 - 1, kept("seed", 0), step=1, key="seed"))
+        num_images = keep("num_images", col_n.slider("Images", 1, min(MAX_IMAGES, 32), kept("num_images", 8), key="num_images"))
         st.subheader("Corrections")
         st.caption("FP and the uncorrected quantized model are always shown.")
         col_m, col_v = st.columns(2)
-        mean = col_m.toggle("Mean", True, key="mean", help="subtract μ_cond(ε̂)")
-        variance = col_v.toggle("Variance", True, key="variance", help="remove σ_cond")
-        modes = st.multiselect("Mode", list(common.MODES), default=list(common.MODES), key="modes",
-                               help="S-D²: subtract a draw of the noise · D-D²: absorb it into σ_t'")
+        mean = keep("mean", col_m.toggle("Mean", kept("mean", True), key="mean", help="subtract μ_cond(ε̂)"))
+        variance = keep("variance", col_v.toggle("Variance", kept("variance", True), key="variance", help="remove σ_cond"))
+        modes = keep("modes", st.multiselect("Mode", list(common.MODES), default=kept("modes", list(common.MODES)), key="modes",
+                                             help="S-D²: subtract a draw of the noise · D-D²: absorb it into σ_t'"))
         col_p, col_o = st.columns(2)
-        ptqd = col_p.checkbox("PTQD row", True, key="ptqd")
-        oracle = col_o.checkbox("Oracle row", False, key="oracle", help="subtracts the true Δ: an upper bound")
+        ptqd = keep("ptqd", col_p.checkbox("PTQD row", kept("ptqd", True), key="ptqd"))
+        oracle = keep("oracle", col_o.checkbox("Oracle row", kept("oracle", False), key="oracle", help="subtracts the true Δ: an upper bound"))
         with st.expander("Advanced"):
-            calib_samples = st.slider("Calibration trajectories", 2, common.MAX_CALIB_SAMPLES, common.DEFAULT_CALIB_SAMPLES, key="calib_samples",
-                                      help="used when no shipped or cached statistics match")
-            granularity = st.radio("Noise model granularity", ["channel", "tensor"], horizontal=True, key="granularity")
+            calib_samples = keep("calib_samples", st.slider("Calibration trajectories", 2, common.MAX_CALIB_SAMPLES,
+                                                            kept("calib_samples", common.DEFAULT_CALIB_SAMPLES), key="calib_samples",
+                                                            help="used when no shipped or cached statistics match"))
+            granularities = ["channel", "tensor"]
+            granularity = keep("granularity", st.radio("Noise model granularity", granularities,
+                                                       index=_index(granularities, kept("granularity", "channel")), horizontal=True,
+                                                       key="granularity"))
             st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
         run = st.button("Run comparison", type="primary", width="stretch", key="run")
 

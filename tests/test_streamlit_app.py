@@ -5,7 +5,7 @@ What is checked: the home page starts with the default model (or says why it can
 the sample grid, the metrics table (the same numbers the core computes for the same configuration),
 the plots and the downloads; bad input shows `st.error` (never a traceback) and the app keeps
 serving; the Deviation curves, Trajectories and Method pages render after a run, and invite a run
-before one; a point model gets the particles view.
+before one; the settings survive a visit to another page; a point model gets the particles view.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
-DEVIATION, TRAJECTORIES, METHOD = "pages/1_Deviation_curves.py", "pages/2_Trajectories.py", "pages/3_Method.py"
+COMPARE, DEVIATION, TRAJECTORIES, METHOD = "pages/0_Compare.py", "pages/1_Deviation_curves.py", "pages/2_Trajectories.py", "pages/3_Method.py"
 TIMEOUT = 300  # seconds per script run: generous, CI has 2 shared cores
 FAST = {"steps": 4, "num_images": 2, "calib_samples": 8}  # a comparison of a few seconds on the tiny model
 
@@ -191,6 +191,20 @@ def test_every_page_renders_after_a_run(default_model, conditional_model_dir):
     assert "2501.08180" in page and "TaylorJocelyn/D2-DPM" in page
     assert "predict" in page.lower()
     assert len(app.latex) >= 5 and "\\sigma" in texts(app.latex)  # the equations, as LaTeX
+
+
+def test_settings_survive_a_visit_to_another_page(default_model, conditional_model_dir):
+    app = fast_settings(start(default_model, conditional_model_dir), eta=0.5)
+    app.radio(key="preset").set_value("custom").run()
+    app.slider(key="w_bits_custom").set_value(3)
+    app.toggle(key="variance").set_value(False)
+    app.checkbox(key="oracle").check().run()
+    app.switch_page(METHOD).run()
+    app.switch_page(COMPARE).run()  # Streamlit drops the Compare widgets' state while they are not shown
+    no_traceback(app)
+    assert app.slider(key="steps").value == FAST["steps"] and app.slider(key="eta").value == 0.5
+    assert app.radio(key="preset").value == "custom" and app.slider(key="w_bits_custom").value == 3
+    assert app.toggle(key="variance").value is False and app.checkbox(key="oracle").value is True
 
 
 @pytest.mark.parametrize("page", [DEVIATION, TRAJECTORIES])
