@@ -102,10 +102,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+STAYS_UP_SECONDS = 3.0
 
 
 def app_cold_start(timeout: float = 120.0, python: str = sys.executable, app: Path | None = None) -> dict:
@@ -115,19 +118,20 @@ def app_cold_start(timeout: float = 120.0, python: str = sys.executable, app: Pa
     app = Path(app) if app is not None else REPO_ROOT / "app.py"
     if not app.is_file():
         return {"seconds": None, "note": "app.py is absent: cold start not measured"}
-    port = _free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    port = free_port()
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), PORT=str(port), HF_HUB_OFFLINE="1")
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty app can never block on it
     start = time.perf_counter()
     process = subprocess.Popen([python, str(app)], cwd=str(app.parent), env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}/"
+    def log_tail() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")[-400:].strip()
+
     try:
         while time.perf_counter() - start < timeout:
             if process.poll() is not None:
-                log.seek(0)
-                error = log.read().decode(errors="replace")[-400:]
-                return {"seconds": None, "note": f"app.py exited with {process.returncode} before answering: {error.strip()}"}
+                return {"seconds": None, "note": f"app.py exited with {process.returncode} before answering: {log_tail()}"}
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     status = response.status
@@ -136,7 +140,11 @@ def app_cold_start(timeout: float = 120.0, python: str = sys.executable, app: Pa
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.1)
                 continue
-            return {"seconds": time.perf_counter() - start, "status": status, "port": port, "command": "python app.py"}
+            seconds = time.perf_counter() - start
+            time.sleep(STAYS_UP_SECONDS)  # an app that answers once and then dies has not started
+            if process.poll() is not None:
+                return {"seconds": None, "note": f"app.py answered, then exited with {process.returncode}: {log_tail()}"}
+            return {"seconds": seconds, "status": status, "port": port, "command": "python app.py"}
         return {"seconds": None, "note": f"no HTTP answer on port {port} within {timeout:.0f} s"}
     finally:
         process.terminate()

@@ -36,10 +36,11 @@ footer {display: none !important;}
 
 
 def theme():
-    # system fonts only: a Space visitor's browser may fetch web fonts, but the tests run offline
-    return gr.themes.Soft(primary_hue="blue", secondary_hue="orange", neutral_hue="slate",
-                          font=["Inter", "DejaVu Sans", "ui-sans-serif", "sans-serif"],
-                          font_mono=["DejaVu Sans Mono", "ui-monospace", "monospace"])
+    # System fonts only: a Space visitor's browser may fetch web fonts, but the tests run offline.
+    # Font objects, not strings: Gradio compares themes font by font, and Font.__eq__ fails on a str.
+    fonts = [gr.themes.Font(name) for name in ("Inter", "DejaVu Sans", "ui-sans-serif", "sans-serif")]
+    mono = [gr.themes.Font(name) for name in ("DejaVu Sans Mono", "ui-monospace", "monospace")]
+    return gr.themes.Soft(primary_hue="blue", secondary_hue="orange", neutral_hue="slate", font=fonts, font_mono=mono)
 
 
 def _chips() -> str:
@@ -168,7 +169,8 @@ def trajectory_step(result: ComparisonResult | None, step):
 # -- layout
 
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="D²-DPM: quantized diffusion, repaired") as demo:
+    # No usage analytics: the app sends nothing anywhere (and must run with no network at all).
+    with gr.Blocks(title="D²-DPM: quantized diffusion, repaired", analytics_enabled=False) as demo:
         state = gr.State(None)
         gr.Markdown(
             "# D²-DPM: what quantization does to diffusion sampling, and how dual denoising repairs it\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,9 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from d2dpm.bench import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -38,7 +33,6 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float) ->
 def _env(tmp: Path, model: str | None) -> dict:
     env = dict(os.environ)
     env.update(
-        GRADIO_ANALYTICS_ENABLED="False",
         GRADIO_TEMP_DIR=str(tmp / "gradio_tmp"),
         HF_HUB_OFFLINE="1",
         D2DPM_CACHE_DIR=os.environ.get("D2DPM_CACHE_DIR", str(tmp / "cache")),

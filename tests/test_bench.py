@@ -51,3 +51,15 @@ def test_app_cold_start_reports_an_absent_or_failing_app(tmp_path):
     failing.write_text("raise SystemExit('no app today')\n")
     result = bench.app_cold_start(timeout=30, app=failing)
     assert result["seconds"] is None and "no app today" in result["note"]
+
+
+def test_app_cold_start_does_not_count_an_app_that_answers_then_dies(tmp_path):
+    app = tmp_path / "app.py"
+    app.write_text(textwrap.dedent("""
+        import http.server, os, sys, threading
+        server = http.server.HTTPServer(("127.0.0.1", int(os.environ["GRADIO_SERVER_PORT"])), http.server.SimpleHTTPRequestHandler)
+        server.handle_request()  # one answer, then a crash (as a launch() that fails after serving)
+        sys.exit("crashed after the first answer")
+    """))
+    result = bench.app_cold_start(timeout=30, python=sys.executable, app=app)
+    assert result["seconds"] is None and "answered, then exited" in result["note"] and "crashed" in result["note"]

@@ -136,3 +136,13 @@ def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_mode
         assert not summary.ok and "not installed" in summary.message
     else:
         assert summary.ok and summary.conditional and len(summary.class_choices()) == len(summary.class_names) + 1
+
+
+def test_theme_can_be_compared_with_gradio_built_in_themes():
+    # launch() compares the app's theme with each built-in one (for its usage report); a font
+    # given as a plain string made that comparison raise after the server had started.
+    from gradio import utils
+
+    from d2dpm_app.gradio_ui import theme
+
+    assert not any(theme().to_dict() == built_in.to_dict() for built_in in utils.BUILT_IN_THEMES.values())
