@@ -233,7 +233,12 @@ def step_caption(result: ComparisonResult, step: int) -> str:
 
 def stats_caption(result: ComparisonResult, step: int) -> str:
     row = result.stats_table.iloc[step]
-    absorbed = "absorbed into σ_t'" if bool(row["variance_absorbed"]) else "not absorbable (σ_t too small: D-D² only removes the mean here)"
+    if bool(row["variance_absorbed"]):
+        absorbed = "absorbed into σ_t'"
+    elif row["sigma_t"] == 0:
+        absorbed = "not absorbable (σ_t = 0: no step noise to take it from; D-D² only removes the mean here)"
+    else:
+        absorbed = "only partly absorbable (k_t²σ_cond² ≥ σ_t²: σ_t' is clamped to 0, the step's own noise is dropped)"
     return (f"Step {step + 1} (t = {int(row['t'])}): μ_Δ = {row['mu_delta']:.4f}, σ_Δ = {row['sigma_delta']:.4f}, ρ = {row['rho']:.3f}, "
             f"σ_cond = {row['sigma_cond']:.4f}; residual variance {absorbed}.")
 
