@@ -111,6 +111,16 @@ def free_port() -> int:
 STAYS_UP_SECONDS = 3.0
 
 
+def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def app_cold_start(timeout: float = 120.0, python: str = sys.executable, app: Path | None = None) -> dict:
     """Start `python app.py` on a free local port; seconds until the first HTTP answer.
 
@@ -147,12 +157,7 @@ def app_cold_start(timeout: float = 120.0, python: str = sys.executable, app: Pa
             return {"seconds": seconds, "status": status, "port": port, "command": "python app.py"}
         return {"seconds": None, "note": f"no HTTP answer on port {port} within {timeout:.0f} s"}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

@@ -10,7 +10,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from d2dpm.bench import free_port
+from d2dpm.bench import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,12 +51,7 @@ def _serve(command: list[str], env: dict, url: str, log: Path, health: str, time
         _wait_for(health, process, log, timeout)
         yield url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @contextmanager

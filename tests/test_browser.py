@@ -146,16 +146,22 @@ def drive_gradio(page, url: str, shots: Shots) -> None:
     assert "Traceback" not in page.content()
 
 
-def test_gradio_app_in_chromium(browser, screenshots, conditional_model_dir, tmp_path):
-    shots = Shots(screenshots, "gradio")
-    with gradio_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START) as (url, _):
-        page = browser.new_page(viewport=VIEWPORT)
+def run_in_chromium(browser, screenshots, prefix: str, server, viewport: dict, drive) -> None:
+    """Serve the app, open it in Chromium and drive it; no JavaScript error may reach the page."""
+    shots = Shots(screenshots, prefix)
+    with server as (url, _):
+        page = browser.new_page(viewport=viewport)
         errors = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         with shots.on_failure(page):
-            drive_gradio(page, url, shots)
-        assert not errors, errors  # no JavaScript error on the page
+            drive(page, url, shots)
+        assert not errors, errors
         page.close()
+
+
+def test_gradio_app_in_chromium(browser, screenshots, conditional_model_dir, tmp_path):
+    server = gradio_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START)
+    run_in_chromium(browser, screenshots, "gradio", server, VIEWPORT, drive_gradio)
 
 
 # -- Streamlit
@@ -266,12 +272,5 @@ def drive_streamlit(page, url: str, shots: Shots) -> None:
 
 
 def test_streamlit_app_in_chromium(browser, screenshots, conditional_model_dir, tmp_path):
-    shots = Shots(screenshots, "streamlit")
-    with streamlit_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START) as (url, _):
-        page = browser.new_page(viewport=STREAMLIT_VIEWPORT)
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        with shots.on_failure(page):
-            drive_streamlit(page, url, shots)
-        assert not errors, errors  # no JavaScript error on the page
-        page.close()
+    server = streamlit_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START)
+    run_in_chromium(browser, screenshots, "streamlit", server, STREAMLIT_VIEWPORT, drive_streamlit)

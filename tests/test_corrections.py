@@ -141,3 +141,20 @@ def test_quantized_network_calibration_reduces_error_with_d2(tmp_path):
     eps_hat = NoisePredictor(calibrated.quantized_network, None)(x, step.t)
     corrected = DualDenoising(calibrated.stats, "deterministic")(eps_hat, step).eps
     assert rms(corrected - eps) < rms(eps_hat - eps)
+
+
+def test_mean_corrected_output_has_a_variance_deficit_of_sigma_cond_squared():
+    # Why D-D²'s variance half cannot help on jointly Gaussian noise (docs/results.md): E' = ε̂ − μ_cond(ε̂)
+    # is the posterior mean E[ε | ε̂], whose variance falls short of Var ε by σ_cond², per channel.
+    quantized = NoisyCopy(GaussianDataEps(), bias=[0.1, -0.05, 0.0], std=[0.2, 0.3, 0.4], slope=0.0)
+    schedule, stats = calibrate_synthetic(quantized, steps=10, eta=1.0, samples=256, seed=1)
+    coeff = schedule.steps[4]
+    x = torch.randn(512, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    t = torch.full((512,), coeff.t)
+    with torch.no_grad():
+        eps, eps_hat = quantized.fp(x, t), quantized(x, t)
+    corrected = eps_hat - stats.conditional_mean(eps_hat, coeff.index)
+    deficit = eps.var(dim=(0, 2, 3)) - corrected.var(dim=(0, 2, 3))
+    sigma_cond = stats.sigma_cond("channel")[coeff.index].float()
+    assert torch.allclose(deficit, sigma_cond**2, rtol=0.15, atol=2e-3), (deficit, sigma_cond**2)
+    assert (deficit > 0).all()  # less variance than FP, never more: nothing for D-D² to absorb
