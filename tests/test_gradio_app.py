@@ -81,6 +81,15 @@ def test_compare_returns_what_the_cli_writes(client, conditional_model_dir, tmp_
     assert Path(x0).is_file() and caption.startswith("Step 1/")
 
 
+def test_visitors_at_once_get_independent_results(server, conditional_model_dir, tmp_path):
+    # Three visitors submit together (two with the same seed); the queue runs two at a time.
+    visitors = [gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path / f"v{i}")) for i in range(3)]
+    jobs = [v.submit(*compare_args(conditional_model_dir, seed=seed), api_name="/compare") for v, seed in zip(visitors, (7, 8, 7))]
+    metrics = [pd.DataFrame(job.result(timeout=600)[2]["data"]) for job in jobs]
+    pd.testing.assert_frame_equal(metrics[0], metrics[2])  # same seed, same numbers, whatever ran beside it
+    assert not metrics[0].equals(metrics[1])
+
+
 def test_bad_input_gives_a_clear_message_and_the_server_keeps_serving(client, server, conditional_model_dir):
     too_much = compare_args(conditional_model_dir, num_images=32, steps=100)
     for endpoint in ("/validate", "/compare"):
