@@ -33,6 +33,7 @@ METHOD_COLORS: dict[str, str] = {
 _EXTRA_COLORS = ("#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74")
 
 BACKGROUND = (255, 255, 255)
+POINTS_PANEL = 260  # pixels per scatter panel of a point model (the `scale` of image tiles does not apply)
 INK = (30, 30, 30)
 LABEL_WIDTH = 150
 PADDING = 4
@@ -157,7 +158,7 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
     heat-map of |x − x_FP| (white = identical to FP), on one colour scale shared by all rows.
     """
     if kind != "image":
-        return points_grid(samples, size=80 * scale, title=title)
+        return points_grid(samples, size=POINTS_PANEL, title=title)
     rows = []
     vmax = difference_scale(samples) if differences and "fp" in samples else None
     for method, batch in samples.items():

@@ -139,8 +139,8 @@ REFERENCES = f"""
 ### What we measured on these models
 
 Over 3 seeds × 1024 images (the repository's `docs/results.md`): the **mean** correction does nearly all the repair;
-conditioning on $\\hat\\epsilon$ beats PTQD only when the error is correlated with the clean output (toy2d: $\\rho \\approx -0.95$,
-D² removes 90 % of the damage and PTQD none); on Fashion-MNIST the error is nearly independent noise and PTQD is ahead.
+conditioning on $\\hat\\epsilon$ beats PTQD only when the error is correlated with the clean output (toy2d: $\\rho \\approx -0.84$,
+D² removes about 60 % of the damage and PTQD none); on Fashion-MNIST the error is nearly independent noise and PTQD is ahead.
 The **variance** half of D-D² never helped: the mean-corrected output $E' = \\mathbb{{E}}[\\epsilon \\mid \\hat\\epsilon]$ already has
 *less* variance than $\\epsilon$ (by $\\sigma_{{\\text{{cond}}}}^2$ for any joint Gaussian), so absorbing more noise moves away from FP.
 
