@@ -479,7 +479,7 @@ def trajectory_figure(trajectory, log_y: bool = True):
     _method_lines(fig, go, table, "rmse_x0", 1, 2, legend=False)
     fig.update_xaxes(title_text="sampling step (1 = noisiest)")
     if log_y and (table[["rmse_xt", "rmse_x0"]] > 0).any().all():
-        fig.update_yaxes(type="log", dtick="D2", tickformat=".2~g")  # 0.05, 0.1, 0.2, 0.5, 1, 2: plain numbers for students
+        fig.update_yaxes(type="log", tickformat=".2~g")  # plain numbers (0.05, 0.1, …, 5) for students, not 5·10⁻²
     fig.update_layout(**_LAYOUT, height=420)
     fig.update_layout(margin=dict(l=60, r=20, t=100, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.12, x=0))
     return fig

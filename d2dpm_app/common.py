@@ -15,7 +15,7 @@ import pandas as pd
 
 from d2dpm.corrections import METHODS, method_for_switches
 from d2dpm.errors import ConfigError, check_int_range
-from d2dpm.experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, CompareConfig, ComparisonResult, default_workbench
+from d2dpm.experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig, ComparisonResult, default_workbench
 from d2dpm.figures import auto_scale, comparison_grid, method_label, result_grid, run_title, step_images, write_outputs
 
 DEFAULT_MODEL = os.environ.get("D2DPM_APP_MODEL", "emoji")
@@ -31,6 +31,21 @@ ALL_CLASSES = "all classes (one image each, cycling)"
 # more hardware raise it with the environment variable D2DPM_MAX_IMAGE_STEPS.
 MAX_IMAGE_STEPS = int(os.environ.get("D2DPM_MAX_IMAGE_STEPS", "2400"))
 MAX_UI_STEPS = 100
+# A toy2d point goes through a 128-wide MLP: hundreds of them cost less than one 32×32 image through
+# the UNet, so a point counts as 1/POINTS_PER_IMAGE of an image-step and clouds of thousands fit.
+POINTS_PER_IMAGE = 256
+
+
+@dataclass(frozen=True)
+class SampleCount:
+    """The "how many samples" control for a kind of model: images, or toy points."""
+
+    label: str
+    maximum: int
+    default: int
+
+
+SAMPLE_COUNTS = {"image": SampleCount("Images", min(MAX_IMAGES, 32), 8), "points": SampleCount("Points", MAX_POINTS, 1000)}
 MAX_CALIB_SAMPLES = 512
 
 PAPER_URL = "https://arxiv.org/abs/2501.08180"
@@ -102,14 +117,17 @@ def methods_from_switches(mean: bool, variance: bool, modes, ptqd: bool, oracle:
     return tuple(dict.fromkeys(rows))
 
 
-def check_budget(num_images: int, methods: tuple[str, ...], steps: int) -> int:
-    """num_images × method rows × steps must stay within MAX_IMAGE_STEPS (the documented CPU cap)."""
-    work = int(num_images) * len(methods) * int(steps)
+def check_budget(num_images: int, methods: tuple[str, ...], steps: int, kind: str = "image") -> float:
+    """Samples × method rows × steps must stay within MAX_IMAGE_STEPS (the documented CPU cap);
+    toy points count POINTS_PER_IMAGE to an image."""
+    per_image = POINTS_PER_IMAGE if kind == "points" else 1
+    work = int(num_images) / per_image * len(methods) * int(steps)
     if work > MAX_IMAGE_STEPS:
+        what = f"{num_images} points (= {num_images / per_image:g} images)" if kind == "points" else f"{num_images} images"
         raise ConfigError(
             "num_images",
-            f"{num_images} images × {len(methods)} methods × {steps} steps = {work} image-steps",
-            f"at most {MAX_IMAGE_STEPS} image-steps on this CPU (fewer images, steps or methods)",
+            f"{what} × {len(methods)} methods × {steps} steps = {work:g} image-steps",
+            f"at most {MAX_IMAGE_STEPS} image-steps on this CPU (fewer samples, steps or methods)",
         )
     return work
 
@@ -122,10 +140,10 @@ def build_config(model: str, w_bits, a_bits, steps, eta, guidance, class_choice,
     if not summary.ok:
         raise ConfigError("model", summary.spec, summary.message)
     steps = check_int_range("steps", steps, 1, MAX_UI_STEPS)
-    num_images = check_int_range("num_images", num_images, 1, MAX_IMAGES)
+    num_images = check_int_range("num_images", num_images, 1, SAMPLE_COUNTS[summary.kind].maximum)
     calib_samples = check_int_range("calib_samples", calib_samples, 2, MAX_CALIB_SAMPLES)
     methods = methods_from_switches(mean, variance, modes, ptqd, oracle)
-    check_budget(num_images, methods, steps)
+    check_budget(num_images, methods, steps, summary.kind)
     if guidance is None or (isinstance(guidance, float) and math.isnan(guidance)) or not summary.conditional:
         guidance = None  # unconditional models sample without guidance (the control is hidden for them)
     return CompareConfig(

@@ -15,7 +15,7 @@ import gradio as gr
 
 from d2dpm import figures, teaching
 from d2dpm.errors import ConfigError
-from d2dpm.experiment import MAX_IMAGES, ComparisonResult, CompareProgress, default_workbench
+from d2dpm.experiment import ComparisonResult, CompareProgress, default_workbench
 
 from . import common
 
@@ -55,10 +55,12 @@ def model_info(spec: str):
     summary = common.describe_model(spec)
     message = summary.message if summary.ok else f"⚠️ {summary.message}"
     choices = summary.class_choices() if summary.conditional else [common.ALL_CLASSES]
+    count = common.SAMPLE_COUNTS[summary.kind]
     return (
         message,
         gr.Slider(visible=summary.conditional),
         gr.Dropdown(choices=choices, value=common.ALL_CLASSES, visible=summary.conditional),
+        gr.Slider(maximum=count.maximum, value=count.default, label=count.label),
     )
 
 
@@ -201,7 +203,8 @@ def build_demo() -> gr.Blocks:
                             class_choice = gr.Dropdown([common.ALL_CLASSES], value=common.ALL_CLASSES, label="Class", visible=False)
                             with gr.Row():
                                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                                num_images = gr.Slider(1, min(MAX_IMAGES, 32), value=8, step=1, label="Images", elem_id="num-images")
+                                num_images = gr.Slider(1, common.SAMPLE_COUNTS["image"].maximum, value=common.SAMPLE_COUNTS["image"].default, step=1,
+                                                       label="Images", elem_id="num-images")
                         with gr.Group():
                             gr.Markdown("**Corrections** (FP and the uncorrected quantized model are always shown)")
                             with gr.Row():
@@ -252,8 +255,8 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Method", id="method"):
                 gr.Markdown(teaching.method_page_markdown(), latex_delimiters=LATEX, elem_id="method-text")
 
-        model.change(model_info, model, [model_msg, guidance, class_choice], api_name="model_info")
-        demo.load(model_info, model, [model_msg, guidance, class_choice], api_name="model_info_on_load")
+        model.change(model_info, model, [model_msg, guidance, class_choice, num_images], api_name="model_info")
+        demo.load(model_info, model, [model_msg, guidance, class_choice, num_images], api_name="model_info_on_load")
         preset.change(preset_bits, preset, [w_bits, a_bits], api_name="preset")
         controls = [model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                     mean, variance, modes, ptqd, oracle, calib_samples, granularity]

@@ -18,7 +18,7 @@ import streamlit as st
 
 from d2dpm import figures, teaching
 from d2dpm.errors import ConfigError
-from d2dpm.experiment import MAX_IMAGES, CompareConfig, ComparisonResult, CompareProgress, default_workbench
+from d2dpm.experiment import CompareConfig, ComparisonResult, CompareProgress, default_workbench
 
 from . import common
 
@@ -210,7 +210,9 @@ def compare_page() -> None:
                                                              key="class_choice"))
         col_seed, col_n = st.columns(2)
         seed = keep("seed", col_seed.number_input("Seed", 0, 2**31 - 1, kept("seed", 0), step=1, key="seed"))
-        num_images = keep("num_images", col_n.slider("Images", 1, min(MAX_IMAGES, 32), kept("num_images", 8), key="num_images"))
+        count = common.SAMPLE_COUNTS[summary.kind if summary.ok else "image"]
+        count_key = "num_images" if count.label == "Images" else "num_points"
+        num_images = keep(count_key, col_n.slider(count.label, 1, count.maximum, kept(count_key, count.default), key=count_key))
         st.subheader("Corrections")
         st.caption("FP and the uncorrected quantized model are always shown.")
         col_m, col_v = st.columns(2)

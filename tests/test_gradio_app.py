@@ -100,12 +100,12 @@ def test_bad_input_gives_a_clear_message_and_the_server_keeps_serving(client, se
     with pytest.raises(gradio_client.exceptions.AppError, match="Run a comparison first"):
         client.predict(1, api_name="/trajectory_step")
     assert server[1].poll() is None
-    message, _, _ = client.predict(str(conditional_model_dir), api_name="/model_info")
+    message, _, _, _ = client.predict(str(conditional_model_dir), api_name="/model_info")
     assert "class-conditional (3 classes)" in message
 
 
 def test_the_default_model_is_emoji_and_its_absence_is_explained(client):
-    message, _, _ = client.predict("emoji", api_name="/model_info_on_load")
+    message, _, _, _ = client.predict("emoji", api_name="/model_info_on_load")
     if not (ROOT / "assets" / "models" / "emoji").is_dir():
         assert "not installed" in message and "d2dpm train" in message
     else:
@@ -145,6 +145,17 @@ def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_mode
         assert not summary.ok and "not installed" in summary.message
     else:
         assert summary.ok and summary.conditional and len(summary.class_choices()) == len(summary.class_names) + 1
+
+
+def test_toy_points_are_budgeted_as_a_fraction_of_an_image():
+    from d2dpm.errors import ConfigError
+    from d2dpm_app import common
+
+    default = common.SAMPLE_COUNTS["points"].default
+    assert common.check_budget(default, ("fp", "q", "ptqd", "s-d2", "d-d2"), 20, "points") == default / common.POINTS_PER_IMAGE * 100
+    with pytest.raises(ConfigError, match="points") as error:
+        common.check_budget(common.SAMPLE_COUNTS["points"].maximum, tuple("abcdefgh"), 100, "points")
+    assert error.value.argument == "num_images" and "image-steps" in error.value.allowed
 
 
 def test_theme_can_be_compared_with_gradio_built_in_themes():

@@ -234,10 +234,16 @@ def test_method_page_needs_no_run(default_model, conditional_model_dir):
 
 
 def test_point_model_shows_particles(default_model, tmp_path):
+    from d2dpm_app import common
+
     folder = save_points_model(tmp_path / "points")
     app = start(default_model, folder)
     assert not app.warning, texts(app.warning)
-    run_comparison(fast_settings(app, num_images=16))
+    points = app.slider(key="num_points")  # a point model asks for points, and many of them
+    assert points.label == "Points" and points.value == common.SAMPLE_COUNTS["points"].default
+    for key, value in {"steps": FAST["steps"], "calib_samples": FAST["calib_samples"], "num_points": 300}.items():
+        app.slider(key=key).set_value(value)
+    run_comparison(app)
     no_traceback(app)
     assert not app.error, texts(app.error)
     assert app.get("image")  # scatter panels, one per method
