@@ -92,11 +92,15 @@ class NoisePredictor:
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
-def _weights_hash(folder: Path) -> str:
+def _identity(name: str, weights_folder: Path, scheduler_config: dict) -> str:
+    """name@hash of the weights and of the noise schedule: statistics are keyed by it, so new
+    weights or an edited scheduler config never reuse statistics made for the old ones."""
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin")):
+    for path in sorted(weights_folder.rglob("*.safetensors")) + sorted(weights_folder.rglob("*.bin")):
         digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    schedule = {key: value for key, value in scheduler_config.items() if not key.startswith("_")}  # not _diffusers_version
+    digest.update(json.dumps(schedule, sort_keys=True).encode())
+    return f"{name}@{digest.hexdigest()[:12]}"
 
 
 def _load_network(network_class: str, folder: Path) -> nn.Module:
@@ -135,7 +139,7 @@ def _load_folder(name: str, folder: Path) -> DiffusionModel:
             sample_shape=tuple(meta["sample_shape"]),
             num_classes=meta.get("num_classes"),
             class_names=list(meta.get("class_names") or []),
-            identity=f"{meta.get('name', name)}@{_weights_hash(folder)}",
+            identity=_identity(meta.get("name", name), folder / meta.get("network_subfolder", "unet"), scheduler_config),
             meta=meta,
         )
     if (folder / "unet" / "config.json").is_file():  # a DDPMPipeline / DDIMPipeline folder
@@ -161,7 +165,7 @@ def _load_folder(name: str, folder: Path) -> DiffusionModel:
         scheduler_config=scheduler_config,
         kind="image",
         sample_shape=(int(unet_config.get("in_channels", 3)), int(height), int(width)),
-        identity=f"{name}@{_weights_hash(unet_folder)}",
+        identity=_identity(name, unet_folder, scheduler_config),
     )
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_unet
+from conftest import save_pipeline_folder, tiny_unet
 from d2dpm.errors import ConfigError
 from d2dpm.experiment import CompareConfig, Workbench
 from d2dpm.models import load_model
@@ -17,6 +17,23 @@ def test_pipeline_folder_loads_and_compares(pipeline_model_dir):
     result = Workbench().compare(CompareConfig(model=str(pipeline_model_dir), steps=4, num_images=2, calib_samples=4, methods=("q", "d-d2")))
     assert result.samples["d-d2"].shape == (2, 3, 8, 8)
     assert result.config.guidance == 1.0  # unconditional: no guidance
+
+
+def test_identity_changes_with_the_weights_or_the_schedule_not_the_diffusers_version(tmp_path):
+    # Statistics are keyed by the identity: a new schedule must not reuse statistics of the old one.
+    identities = {}
+    for variant in ("base", "resaved", "schedule", "weights"):
+        folder = save_pipeline_folder(tmp_path / variant, seed=1 if variant == "weights" else 0)
+        config_path = folder / "scheduler" / "scheduler_config.json"
+        config = json.loads(config_path.read_text())
+        if variant == "resaved":
+            config["_diffusers_version"] = "0.0.1"
+        if variant == "schedule":
+            config["beta_end"] = 0.03
+        config_path.write_text(json.dumps(config))
+        identities[variant] = load_model(str(folder)).identity.split("@")[1]
+    assert identities["resaved"] == identities["base"]
+    assert len({identities["base"], identities["schedule"], identities["weights"]}) == 3
 
 
 def test_bare_unet_folder_loads_with_the_default_scheduler(tmp_path):
