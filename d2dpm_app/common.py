@@ -31,6 +31,7 @@ ALL_CLASSES = "all classes (one image each, cycling)"
 # more hardware raise it with the environment variable D2DPM_MAX_IMAGE_STEPS.
 MAX_IMAGE_STEPS = int(os.environ.get("D2DPM_MAX_IMAGE_STEPS", "2400"))
 MAX_UI_STEPS = 100
+MAX_CALIB_SAMPLES = 512
 # A toy2d point goes through a 128-wide MLP: hundreds of them cost less than one 32×32 image through
 # the UNet, so a point counts as 1/POINTS_PER_IMAGE of an image-step and clouds of thousands fit.
 POINTS_PER_IMAGE = 256
@@ -46,7 +47,6 @@ class SampleCount:
 
 
 SAMPLE_COUNTS = {"image": SampleCount("Images", min(MAX_IMAGES, 32), 8), "points": SampleCount("Points", MAX_POINTS, 1000)}
-MAX_CALIB_SAMPLES = 512
 
 PAPER_URL = "https://arxiv.org/abs/2501.08180"
 CODE_URL = "https://github.com/TaylorJocelyn/D2-DPM"
