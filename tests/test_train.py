@@ -1,0 +1,53 @@
+"""`d2dpm train`: class-balanced drawing, the time-aware cool-down, and an image run end to end."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from d2dpm.models import load_model
+from d2dpm.train import TrainingData, learning_rate, main as train_main, steps_left
+
+
+def test_balanced_drawing_makes_every_class_equally_likely():
+    labels = torch.tensor([0] * 90 + [1] * 9 + [2])  # 90 % / 9 % / 1 % of the images
+    data = TrainingData("t", "image", [1, 2, 2], torch.zeros(100, 1, 2, 2), labels, ["a", "b", "c"], balance_classes=True)
+    generator = torch.Generator().manual_seed(0)
+    _, drawn = data.batch(30000, generator, generator, torch.device("cpu"))
+    share = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    # Binomial spread of each share is 0.0027 here: 0.015 is over 5σ.
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.015), share
+    plain = TrainingData("t", "image", [1, 2, 2], torch.zeros(100, 1, 2, 2), labels, ["a", "b", "c"])
+    _, drawn = plain.batch(30000, generator, generator, torch.device("cpu"))
+    assert abs((drawn == 0).float().mean().item() - 0.9) < 0.015
+
+
+def test_time_limit_moves_the_cooldown_to_the_end_of_the_allowed_time():
+    args = argparse.Namespace(lr=1e-3, steps=100_000, cooldown_steps=1000, max_minutes=10.0)
+    # 2000 steps in the first 5 of 10 minutes: about 2000 more fit, so the rate is still full...
+    assert steps_left(args, 2000, 0, 300.0) == 2000
+    assert learning_rate(args, 2000, steps_left(args, 2000, 0, 300.0)) == pytest.approx(1e-3)
+    # ...half-way through the cool-down with 500 steps' time left, at 0 once the time is up.
+    assert learning_rate(args, 3500, steps_left(args, 3500, 0, 525.0)) == pytest.approx(0.5e-3)
+    assert learning_rate(args, 4000, steps_left(args, 4000, 0, 601.0)) == 0.0
+    # Without a time limit only --steps counts.
+    args.max_minutes = None
+    assert steps_left(args, 2000, 0, 300.0) == 98_000
+
+
+def test_train_two_steps_on_emoji_records_width_and_balance(tmp_path):
+    out = train_main(["--dataset", "emoji", "--out", str(tmp_path / "emoji"), "--steps", "2", "--batch-size", "8",
+                      "--channels", "8,16,32,32", "--device", "cpu"])
+    model = load_model(str(out))
+    assert tuple(model.network.config.block_out_channels) == (8, 16, 32, 32)
+    training = json.loads((out / "d2dpm_model.json").read_text())["training"]
+    assert training["balance_classes"] is True
+    assert "--channels 8,16,32,32 --balance-classes" in training["command"]
+
+
+def test_bad_channels_are_refused_with_the_rule(tmp_path):
+    with pytest.raises(SystemExit, match="4 comma-separated multiples of 8, the last two multiples of 32"):
+        train_main(["--dataset", "emoji", "--out", str(tmp_path / "e"), "--steps", "1", "--channels", "16,32,96"])
+    with pytest.raises(SystemExit, match="got '16,32,48,64'"):
+        train_main(["--dataset", "emoji", "--out", str(tmp_path / "e"), "--steps", "1", "--channels", "16,32,48,64"])
