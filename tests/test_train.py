@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from d2dpm.models import load_model
-from d2dpm.train import TrainingData, learning_rate, main as train_main, steps_left
+from d2dpm.train import DEFAULTS, TrainingData, image_unet, learning_rate, main as train_main, steps_left
 
 
 def test_balanced_drawing_makes_every_class_equally_likely():
@@ -38,7 +38,7 @@ def test_time_limit_moves_the_cooldown_to_the_end_of_the_allowed_time():
 
 def test_train_two_steps_on_emoji_records_width_and_balance(tmp_path):
     out = train_main(["--dataset", "emoji", "--out", str(tmp_path / "emoji"), "--steps", "2", "--batch-size", "8",
-                      "--channels", "8,16,32,32", "--device", "cpu"])
+                      "--channels", "8,16,32,32", "--balance-classes", "--device", "cpu"])
     model = load_model(str(out))
     assert tuple(model.network.config.block_out_channels) == (8, 16, 32, 32)
     training = json.loads((out / "d2dpm_model.json").read_text())["training"]
@@ -51,3 +51,18 @@ def test_bad_channels_are_refused_with_the_rule(tmp_path):
         train_main(["--dataset", "emoji", "--out", str(tmp_path / "e"), "--steps", "1", "--channels", "16,32,96"])
     with pytest.raises(SystemExit, match="got '16,32,48,64'"):
         train_main(["--dataset", "emoji", "--out", str(tmp_path / "e"), "--steps", "1", "--channels", "16,32,48,64"])
+
+
+@pytest.mark.parametrize("dataset", ["emoji", "fashion"])
+def test_default_settings_rebuild_the_shipped_architecture(dataset):
+    shipped = load_model(dataset).network.config
+    channels = tuple(int(c) for c in DEFAULTS[dataset]["channels"].split(","))
+    built = image_unet(shipped.in_channels, shipped.num_class_embeds - 1, channels).config
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
+                "norm_num_groups", "num_class_embeds"):
+        assert _plain(built[key]) == _plain(shipped[key]), key
+    assert not DEFAULTS[dataset]["balance_classes"]
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
