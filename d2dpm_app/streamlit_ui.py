@@ -33,12 +33,14 @@ OTHER_MODEL = "other: a folder or hub id…"
 def run_app() -> None:
     """Entry point of `streamlit run app.py`: page config, navigation, the chosen page."""
     st.set_page_config(page_title="D²-DPM demo", page_icon="🎛️", layout="wide")
+    # Material icons ship with Streamlit's own frontend; emoji icons drew as empty boxes where the
+    # visitor's machine has no colour-emoji font (seen in headless Chromium).
     navigation = st.navigation(
         [
-            st.Page(str(PAGES / "0_Compare.py"), title="Compare", icon="🖼️", default=True, url_path="compare"),
-            st.Page(str(PAGES / "1_Deviation_curves.py"), title="Deviation curves", icon="📈", url_path="deviation"),
-            st.Page(str(PAGES / "2_Trajectories.py"), title="Trajectories", icon="🧭", url_path="trajectories"),
-            st.Page(str(PAGES / "3_Method.py"), title="Method", icon="📐", url_path="method"),
+            st.Page(str(PAGES / "0_Compare.py"), title="Compare", icon=":material/compare:", default=True, url_path="compare"),
+            st.Page(str(PAGES / "1_Deviation_curves.py"), title="Deviation curves", icon=":material/show_chart:", url_path="deviation"),
+            st.Page(str(PAGES / "2_Trajectories.py"), title="Trajectories", icon=":material/timeline:", url_path="trajectories"),
+            st.Page(str(PAGES / "3_Method.py"), title="Method", icon=":material/functions:", url_path="method"),
         ]
     )
     navigation.run()
