@@ -285,7 +285,6 @@ def load_fashion_classifier(path=FASHION_CLASSIFIER_FILE) -> FashionFeatureNet:
 
 
 @torch.inference_mode()
-@torch.inference_mode()  # feature extractors are never trained here: no autograd graph, far less memory
 def batched_features(fn, images: torch.Tensor, batch: int = 256, device="cpu") -> torch.Tensor:
     out = [fn(images[i : i + batch].to(device).float()).float().cpu() for i in range(0, images.shape[0], batch)]
     return torch.cat(out)

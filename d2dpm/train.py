@@ -190,7 +190,7 @@ def learning_rate(args: argparse.Namespace, step: int, remaining: int) -> float:
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS[args.dataset].items():
-        if getattr(args, key, None) is None:
+        if getattr(args, key) is None:
             setattr(args, key, value)
 
 
@@ -279,9 +279,10 @@ def run_train(args: argparse.Namespace) -> Path:
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
     torch.manual_seed(args.seed)
-    data = load_training_data(args.dataset, device, bool(getattr(args, "balance_classes", False)))
+    data = load_training_data(args.dataset, device, bool(args.balance_classes))
     network = build_network(data, block_channels(args)).to(device).train()
-    channels_last = device.type == "cuda" and data.kind == "image"  # cuDNN's NHWC kernels suit few channels
+    # Channels-last (NHWC) is the layout of cuDNN's tensor-core convolutions; not A/B-timed here.
+    channels_last = device.type == "cuda" and data.kind == "image"
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=0.0)
