@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .datasets import load_emoji32, load_fashion_mnist, sample_toy2d
+from .errors import ConfigError
 from .models import DEFAULT_SCHEDULER_CONFIG
 from .toy import ToyEpsMLP
 
@@ -203,8 +205,8 @@ def block_channels(args: argparse.Namespace) -> tuple[int, ...] | None:
         channels = ()
     # Group norm has 8 groups; levels 3 and 4 (attention, heads of ATTENTION_HEAD_DIM) need whole heads.
     if len(channels) != 4 or min(channels) < 8 or any(c % 8 for c in channels) or any(c % ATTENTION_HEAD_DIM for c in channels[2:]):
-        raise SystemExit(f"--channels must be 4 comma-separated multiples of 8, the last two multiples of "
-                         f"{ATTENTION_HEAD_DIM} (attention heads), got {args.channels!r}")
+        raise ConfigError("channels", args.channels, f"4 comma-separated multiples of 8, the last two multiples of "
+                          f"{ATTENTION_HEAD_DIM} (attention heads)")
     return channels
 
 
@@ -400,11 +402,15 @@ def run_train(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m d2dpm.train", description=__doc__,
+    """Train from command-line arguments and return the model folder (for scripts and tests: bad
+    input raises ConfigError here, where `d2dpm train` prints it in one line and exits 2)."""
+    parser = argparse.ArgumentParser(prog="d2dpm train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m d2dpm.train ARGS` is `d2dpm train ARGS`
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))
