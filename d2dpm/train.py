@@ -281,8 +281,9 @@ def run_train(args: argparse.Namespace) -> Path:
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
     torch.manual_seed(args.seed)
+    channels = block_channels(args)  # refuse a bad --channels before loading any data
     data = load_training_data(args.dataset, device, bool(args.balance_classes))
-    network = build_network(data, block_channels(args)).to(device).train()
+    network = build_network(data, channels).to(device).train()
     # Channels-last (NHWC) is the layout of cuDNN's tensor-core convolutions; not A/B-timed here.
     channels_last = device.type == "cuda" and data.kind == "image"
     if channels_last:
