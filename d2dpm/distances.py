@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,6 +39,10 @@ from torch import nn
 EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
 FASHION_CLASSIFIER_FILE = EVAL_DIR / "fashion_classifier.safetensors"
 FASHION_CLASSIFIER_INFO = EVAL_DIR / "fashion_classifier.json"
+EMOJI_CLASSIFIER_FILE = EVAL_DIR / "emoji_classifier.safetensors"
+EMOJI_CLASSIFIER_INFO = EVAL_DIR / "emoji_classifier.json"
+CLASSIFIER_FILES = {"fashion": FASHION_CLASSIFIER_FILE, "emoji": EMOJI_CLASSIFIER_FILE}
+EMOJI_HELD_OUT = 0.15  # share of emoji *names* (every skin-tone variant of one together) held out
 FASHION_REF_STATS_FILE = EVAL_DIR / "fashion_classifier_train_stats.safetensors"
 FASHION_REF_IMAGES_FILE = EVAL_DIR / "fashion_test_subset.npz"
 FASHION_REF_IMAGES = 4000  # Fashion-MNIST test images shipped as the SWD / EffNet reference
@@ -250,24 +255,25 @@ def toy2d_distances(points: torch.Tensor, reference_count: int = 4096, seed: int
 # Feature extractors
 
 
-class FashionFeatureNet(nn.Module):
-    """A small CNN classifier for Fashion-MNIST at 32×32 in [-1, 1]; `features` is the 128-d
-    pooled representation before the final linear layer (what the Fréchet distance uses)."""
+class SmallImageClassifier(nn.Module):
+    """A small CNN classifier of 32×32 images in [-1, 1] (Fashion-MNIST classes, emoji groups);
+    `features` is the 128-d pooled representation before the final linear layer (what the
+    Fréchet distance uses)."""
 
-    def __init__(self):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
 
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
         self.body = nn.Sequential(
-            block(1, 16), nn.MaxPool2d(2),  # 16×16
+            block(in_channels, 16), nn.MaxPool2d(2),  # 16×16
             block(16, 32), nn.MaxPool2d(2),  # 8×8
             block(32, 64), nn.MaxPool2d(2),  # 4×4
             block(64, 128),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, num_classes))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
@@ -276,12 +282,32 @@ class FashionFeatureNet(nn.Module):
         return self.head(self.features(images))
 
 
-def load_fashion_classifier(path=FASHION_CLASSIFIER_FILE) -> FashionFeatureNet:
-    if not Path(path).is_file():
-        raise OptionalDependencyMissing(f"the Fashion-MNIST classifier {Path(path).name} is missing from assets/eval (build it with `python -m d2dpm.distances`)")
-    net = FashionFeatureNet()
-    net.load_state_dict(load_file(str(path)))
+def load_classifier(model_name: str) -> SmallImageClassifier:
+    """The shipped classifier of an embedded model's classes (emoji groups, Fashion-MNIST classes)."""
+    path = CLASSIFIER_FILES.get(model_name)
+    if path is None:
+        raise OptionalDependencyMissing(f"no classifier is shipped for model {model_name!r} (only for {', '.join(CLASSIFIER_FILES)})")
+    if not path.is_file():
+        raise OptionalDependencyMissing(f"the classifier {path.name} is missing from assets/eval (build it with `python -m d2dpm.distances`)")
+    weights = load_file(str(path))
+    net = SmallImageClassifier(weights["body.0.0.weight"].shape[1], weights["head.1.weight"].shape[0])
+    net.load_state_dict(weights)
     return net.eval()
+
+
+class ClassAccuracy:
+    """How often a sample drawn for class c is classified as c by the model's shipped classifier:
+    whether a conditional model draws recognisable members of each class."""
+
+    name = "class_accuracy"
+
+    def __init__(self, model_name: str, device="cpu"):
+        self.net = load_classifier(model_name).to(device)
+        self.device = device
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        predicted = batched_features(self.net, images, device=self.device).argmax(1)
+        return float((predicted == labels.cpu()).float().mean())
 
 
 @torch.inference_mode()
@@ -297,7 +323,7 @@ class FashionClassifierFD:
 
     def __init__(self, device="cpu"):
         self.device = device
-        self.net = load_fashion_classifier().to(device)
+        self.net = load_classifier("fashion").to(device)
         if not FASHION_REF_STATS_FILE.is_file():
             raise OptionalDependencyMissing(f"{FASHION_REF_STATS_FILE.name} is missing from assets/eval")
         self.reference = FeatureStats.load(FASHION_REF_STATS_FILE)
@@ -415,14 +441,13 @@ def reference_images(model_name: str) -> torch.Tensor | None:
 # Building the shipped assets (python -m d2dpm.distances)
 
 
-def train_fashion_classifier(epochs: int = 4, seed: int = 0, batch: int = 128, log=print) -> tuple[FashionFeatureNet, float]:
-    """Train `FashionFeatureNet` on the 60k training images (random 2-px shifts and flips);
-    return it and its accuracy on the 10k test images."""
-    from .datasets import load_fashion_mnist
-
+def train_classifier(train_images, train_labels, test_images, test_labels, num_classes: int, epochs: int, seed: int,
+                     batch: int = 128, class_weights: torch.Tensor | None = None, log=print) -> tuple[SmallImageClassifier, float]:
+    """Train `SmallImageClassifier` (random 2-px shifts and horizontal flips; cross-entropy, weighted
+    per class if `class_weights`); return it and its accuracy on the test images."""
     torch.manual_seed(seed)
-    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    net = FashionFeatureNet()
+    train = SimpleNamespace(images=train_images, labels=train_labels)
+    net = SmallImageClassifier(train_images.shape[1], num_classes)
     steps = epochs * math.ceil(len(train.images) / batch)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
@@ -439,7 +464,7 @@ def train_fashion_classifier(epochs: int = 4, seed: int = 0, batch: int = 128, l
             if torch.rand((), generator=generator) < 0.5:
                 x = x.flip(3)
             logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, weight=class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -449,18 +474,74 @@ def train_fashion_classifier(epochs: int = 4, seed: int = 0, batch: int = 128, l
         log(f"epoch {epoch + 1}/{epochs}: train accuracy {correct / seen:.4f} ({time.time() - start:.0f} s)")
     net.eval()
     with torch.inference_mode():
-        predictions = torch.cat([net(test.images[i : i + 512]).argmax(1) for i in range(0, len(test.images), 512)])
-    accuracy = float((predictions == test.labels).float().mean())
+        predictions = torch.cat([net(test_images[i : i + 512]).argmax(1) for i in range(0, len(test_images), 512)])
+    accuracy = float((predictions == test_labels).float().mean())
     log(f"test accuracy {accuracy:.4f}")
     return net, accuracy
 
 
-def build_assets(epochs: int = 4, seed: int = 0, out: Path = EVAL_DIR) -> None:
+def emoji_base_name(name: str) -> str:
+    """The name without its skin-tone qualifiers: 'waving hand: medium skin tone' → 'waving hand',
+    'flag: Japan' stays 'flag: Japan'."""
+    head, _, qualifiers = name.partition(": ")
+    kept = [part for part in qualifiers.split(", ") if part and "skin tone" not in part]
+    return head + (": " + ", ".join(kept) if kept else "")
+
+
+def emoji_held_out_split(names: list[str], seed: int) -> torch.Tensor:
+    """True for the held-out emoji: EMOJI_HELD_OUT of the base names drawn at random, so every
+    skin-tone variant of an emoji falls on the same side."""
+    bases = sorted({emoji_base_name(name) for name in names})
+    order = torch.randperm(len(bases), generator=torch.Generator().manual_seed(seed))
+    held = {bases[i] for i in order[: round(EMOJI_HELD_OUT * len(bases))].tolist()}
+    return torch.tensor([emoji_base_name(name) in held for name in names])
+
+
+def build_emoji_classifier(epochs: int = 60, seed: int = 0, out: Path = EVAL_DIR) -> None:
+    """The emoji group classifier: trained on the emoji whose names are not held out, its accuracy
+    measured on the held-out names. Classes are weighted by 1/count (59 % are People & Body)."""
+    from .datasets import EMOJI32_FILE, load_emoji32
+
+    started = time.time()
+    data = load_emoji32()
+    with np.load(EMOJI32_FILE) as raw:
+        names = [str(name) for name in raw["names"]]
+    held_out = emoji_held_out_split(names, seed)
+    train_labels = data.labels[~held_out]
+    counts = torch.bincount(train_labels, minlength=len(data.class_names)).float()
+    weights = counts.sum() / (len(counts) * counts)
+    net, accuracy = train_classifier(data.images[~held_out], train_labels, data.images[held_out], data.labels[held_out],
+                                     len(data.class_names), epochs, seed, batch=64, class_weights=weights)
+    with torch.inference_mode():
+        predicted = net(data.images[held_out]).argmax(1)
+    per_group = {name: round(float((predicted[data.labels[held_out] == g] == g).float().mean()), 3)
+                 for g, name in enumerate(data.class_names)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / EMOJI_CLASSIFIER_FILE.name))
+    info = {
+        "network": "d2dpm.distances.SmallImageClassifier (4 conv-BN-ReLU blocks, 128-d pooled features, linear head), 3 channels, 9 groups",
+        "trained_on": f"Emoji-32 without the held-out names: {int((~held_out).sum())} images; 2-px random shifts and horizontal "
+                      "flips; cross-entropy weighted by 1/(group size)",
+        "held_out": f"{int(held_out.sum())} images: {EMOJI_HELD_OUT:.0%} of the emoji base names, every skin-tone variant of "
+                    "an emoji on the same side (seeded)",
+        "epochs": epochs,
+        "seed": seed,
+        "held_out_accuracy": round(accuracy, 4),
+        "held_out_accuracy_per_group": per_group,
+        "built_by": "python -m d2dpm.distances --dataset emoji",
+        "build_seconds": round(time.time() - started),
+    }
+    (out / EMOJI_CLASSIFIER_INFO.name).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+
+
+def build_fashion_assets(epochs: int = 4, seed: int = 0, out: Path = EVAL_DIR) -> None:
     from .datasets import load_fashion_mnist
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    net, accuracy = train_fashion_classifier(epochs, seed)
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    net, accuracy = train_classifier(train.images, train.labels, test.images, test.labels, 10, epochs, seed)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / FASHION_CLASSIFIER_FILE.name))
     train = load_fashion_mnist("train")
     stats = FeatureStats.from_features(batched_features(net.features, train.images))
@@ -470,7 +551,7 @@ def build_assets(epochs: int = 4, seed: int = 0, out: Path = EVAL_DIR) -> None:
     raw = ((test.images[picks, 0, 2:30, 2:30] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     np.savez_compressed(out / FASHION_REF_IMAGES_FILE.name, images=raw, labels=test.labels[picks].numpy().astype(np.uint8), test_indices=picks.numpy())
     info = {
-        "network": "d2dpm.distances.FashionFeatureNet (4 conv-BN-ReLU blocks, 128-d pooled features, linear head)",
+        "network": "d2dpm.distances.SmallImageClassifier (4 conv-BN-ReLU blocks, 128-d pooled features, linear head)",
         "trained_on": "Fashion-MNIST train, 60000 images, padded to 32x32, [-1, 1]; 2-px random shifts and horizontal flips",
         "epochs": epochs,
         "seed": seed,
@@ -485,15 +566,21 @@ def build_assets(epochs: int = 4, seed: int = 0, out: Path = EVAL_DIR) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d2dpm.distances", description="build assets/eval: the Fashion-MNIST classifier, its reference statistics and the SWD reference images (needs the Debian package dataset-fashion-mnist)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser = argparse.ArgumentParser(prog="python -m d2dpm.distances", description="build assets/eval: for fashion, the "
+                                     "Fashion-MNIST classifier, its reference statistics and the SWD reference images (needs the "
+                                     "Debian package dataset-fashion-mnist); for emoji, the emoji group classifier (from the shipped Emoji-32)")
+    parser.add_argument("--dataset", choices=("fashion", "emoji"), default="fashion")
+    parser.add_argument("--epochs", type=int, help="default: 4 for fashion, 60 for emoji")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(EVAL_DIR))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    build_assets(args.epochs, args.seed, Path(args.out))
+    if args.dataset == "emoji":
+        build_emoji_classifier(args.epochs or 60, args.seed, Path(args.out))
+    else:
+        build_fashion_assets(args.epochs or 4, args.seed, Path(args.out))
     return 0
 
 
