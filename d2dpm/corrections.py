@@ -40,17 +40,10 @@ class Correction:
 
 
 def absorb_variance(coeff: StepCoefficients, residual_std: torch.Tensor | float, like: torch.Tensor) -> float | torch.Tensor:
-    """σ_t' = sqrt(σ_t² − k_t² σ_res²) if k_t² σ_res² < σ_t², else 0 (the clamp of the official code).
-
-    At η = 0, σ_t = 0 and nothing can be absorbed: σ_t itself is returned, so the step is
-    bit-identical to the uncorrected one.
-    """
-    if coeff.sigma == 0.0:
-        return coeff.sigma
-    absorbed = coeff.k**2 * torch.as_tensor(residual_std, dtype=torch.float64) ** 2
-    sigma_prime = (coeff.sigma**2 - absorbed).clamp_min(0.0).sqrt()
-    if sigma_prime.dim() == 0:
-        return float(sigma_prime)
+    """σ_t' of `StepCoefficients.absorbed_sigma`, shaped to broadcast over `like` when per channel."""
+    sigma_prime = coeff.absorbed_sigma(residual_std)
+    if isinstance(sigma_prime, float):
+        return sigma_prime
     return sigma_prime.to(like).view(_broadcast_shape(like, "channel"))
 
 
@@ -98,7 +91,7 @@ class PTQDCorrection(Correction):
     def __call__(self, eps_hat, coeff, extra_noise=None, eps_fp=None) -> Corrected:
         _check_step(self.stats, coeff)
         i = coeff.index
-        gain = 1.0 + float(self.stats.ptqd_k[i])
+        gain = 1.0 + float(self.stats.ptqd_slope[i])
         bias = self.stats.ptqd_bias[i].to(eps_hat).view(_broadcast_shape(eps_hat, "channel"))
         eps = (eps_hat - bias) / gain
         return Corrected(eps, absorb_variance(coeff, float(self.stats.ptqd_sigma[i]) / gain, eps_hat))

@@ -25,7 +25,7 @@ from .errors import ConfigError, check_float_range, check_int_range
 from .metrics import per_image_errors, trajectory_table
 from .models import ASSETS_DIR, DiffusionModel, NoisePredictor, load_model
 from .noise_model import GRANULARITIES, NoiseStatistics, StatsConfig
-from .quant import Efficiency, QuantConfig, count_macs, efficiency, quantize_network
+from .quant import DEFAULT_BACKBONE, Efficiency, QuantConfig, count_macs, efficiency, quantize_network
 from .sampler import SamplerNoise, StepRecord, Track, sample
 from .schedule import DDIMSchedule
 
@@ -72,11 +72,12 @@ class CompareConfig:
     granularity: str = "channel"
     range_method: str = "mse"
     keep_edge_layers_8bit: bool = True
+    backbone: str = DEFAULT_BACKBONE  # how the quantized network is made: adaround, bias-correction or rtn
     stats_path: str | None = None  # an explicit statistics file (else shipped, cached or calibrated)
 
     def validated(self, model: DiffusionModel) -> "CompareConfig":
         """Check every field against `model`; return the config with defaults resolved."""
-        QuantConfig(self.w_bits, self.a_bits, self.range_method, self.keep_edge_layers_8bit)
+        QuantConfig(self.w_bits, self.a_bits, self.range_method, self.keep_edge_layers_8bit, self.backbone)
         train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
         guidance = self.guidance
         if guidance is None:
@@ -117,6 +118,7 @@ class CompareConfig:
             seed=int(self.calib_seed),
             range_method=self.range_method,
             keep_edge_layers_8bit=bool(self.keep_edge_layers_8bit),
+            backbone=self.backbone,
         )
 
 
@@ -232,9 +234,7 @@ class Workbench:
         key = stats.config.key()
         with self._lock_for("q:" + key):
             if key not in self._quantized:
-                if stats.activation_ranges is None:
-                    raise ConfigError("stats", "a statistics file without quantizer ranges", "statistics written by `d2dpm stats`")
-                self._quantized[key] = quantize_network(model.network, stats.activation_ranges, stats.config.range_method).to(self.device)
+                self._quantized[key] = quantize_network(model.network, stats.quantizer).to(self.device)
             return self._quantized[key]
 
     def efficiency(self, model: DiffusionModel, stats: NoiseStatistics) -> Efficiency:
@@ -244,7 +244,7 @@ class Workbench:
                 labels = torch.zeros(1, dtype=torch.long, device=self.device) if model.conditional else None
                 predictor = NoisePredictor(model.network, model.num_classes)
                 self._macs[model.identity] = count_macs(model.network, lambda: predictor(x, 0, labels, 1.0))
-        return efficiency(model.network, self._macs[model.identity], stats.activation_ranges.bits, batch=1)
+        return efficiency(model.network, self._macs[model.identity], stats.quantizer.bits, batch=1)
 
     # -- the comparison
 
@@ -319,7 +319,7 @@ class Workbench:
             metrics=pd.DataFrame(metric_rows),
             per_image=pd.DataFrame(image_rows),
             stats=stats,
-            stats_table=stats.table(schedule),
+            stats_table=stats.table(schedule, config.granularity),
             efficiency=eff,
             stats_source=source,
         )

@@ -354,10 +354,26 @@ def _shade_unabsorbed(fig, table, rows_cols) -> None:
             fig.add_vrect(x0=a + 0.5, x1=b + 1.5, fillcolor="#9E9E9E", opacity=0.13, line_width=0, row=row, col=col)
 
 
+CHANNEL_COLORS = {1: ["#0072B2"], 2: ["#0072B2", "#56B4E9"], 3: ["#D62728", "#2CA02C", "#1F77B4"]}
+
+
+def sigma_prime_columns(table) -> list[tuple[str, str, str]]:
+    """(column, legend name, colour) of the σ_t' that D-D² applied, as the statistics table holds it:
+    one tensor-wise column, or one per channel (red, green, blue for RGB images)."""
+    if "sigma_t_prime" in table:
+        return [("sigma_t_prime", "σ_t' (D-D², tensor-wise)", QUANTITY_COLORS["sigma_t_prime"])]
+    columns = sorted((c for c in table.columns if c.startswith("sigma_t_prime_c")), key=lambda c: int(c[len("sigma_t_prime_c"):]))
+    colors = CHANNEL_COLORS.get(len(columns), [QUANTITY_COLORS["sigma_t_prime"]] * len(columns))
+    names = {3: ["R", "G", "B"], 2: ["x", "y"]}.get(len(columns), [str(c) for c in range(len(columns))])
+    return [(column, f"σ_t' (D-D², channel {name})", color) for column, name, color in zip(columns, names, colors)]
+
+
 def deviation_figure(stats_table, title: str | None = None):
     """Per-step curves of the noise model: μ_Δ, σ_Δ, σ_cond; ρ; σ_t vs D-D²'s σ_t'; k_t.
 
-    Grey bands: steps where the residual variance could not be absorbed (all of them at η = 0).
+    σ_t' is the one D-D² applied in the run, at its granularity (one line per channel when
+    channel-wise). Grey bands: steps where the residual variance could not be absorbed in full
+    (all of them at η = 0).
     """
     go, make_subplots = _go()
     t = stats_table
@@ -376,7 +392,9 @@ def deviation_figure(stats_table, title: str | None = None):
     line("sigma_cond", "σ_cond = σ_Δ√(1−ρ²)", 1, 1, dash="dot")
     line("rho", "ρ", 1, 2)
     line("sigma_t", "σ_t (DDIM)", 2, 1)
-    line("sigma_t_prime", "σ_t' (D-D²)", 2, 1, dash="dash")
+    for column, name, color in sigma_prime_columns(t):
+        fig.add_trace(go.Scatter(x=t["step"] + 1, y=t[column], name=name, mode="lines+markers", customdata=custom, hovertemplate=hover,
+                                 line=dict(color=color, dash="dash", width=2.5), marker=dict(size=5)), row=2, col=1)
     line("k_t", "k_t", 2, 2)
     fig.add_hline(y=0, line_width=1, line_color="#BBBBBB", row=1, col=2)
     _shade_unabsorbed(fig, t, [(1, 1), (1, 2), (2, 1), (2, 2)])

@@ -62,6 +62,12 @@ class DiffusionModel:
         return self.sample_shape[0] if self.kind == "image" else self.sample_shape[-1]
 
 
+def network_output(network: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The raw ε output of a network on a batch (one timestep per sample; a class per sample, or None)."""
+    out = network(x, timesteps, class_labels=labels) if labels is not None else network(x, timesteps)
+    return out.sample if hasattr(out, "sample") else out
+
+
 class NoisePredictor:
     """ε_θ(x_t, t) of one network (full precision or quantized), guided when the model is conditional.
 
@@ -75,9 +81,7 @@ class NoisePredictor:
         self.num_classes = num_classes
 
     def _forward(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
-        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        out = self.network(x, timesteps, class_labels=labels) if labels is not None else self.network(x, timesteps)
-        return out.sample if hasattr(out, "sample") else out
+        return network_output(self.network, x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), labels)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: int, labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:

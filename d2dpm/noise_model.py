@@ -20,13 +20,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError
-from .quant import ActivationRanges
+from .quant import DEFAULT_BACKBONE, QuantConfig, Quantizer
 
 RHO_LIMIT = 0.9999
 OUTLIER_SIGMAS = 4.0
 PAIRS_KEPT_FOR_FIGURES = 4096
 GRANULARITIES = ("channel", "tensor")
-STATS_FORMAT_VERSION = 1
+# 2: the quantizer (backbone, weight grids, AdaRound rounding, bias corrections) is saved in full, and
+# calibration draws its trajectories through the sampler's noise (another order of random draws).
+STATS_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,11 @@ class StatsConfig:
     seed: int
     range_method: str = "mse"
     keep_edge_layers_8bit: bool = True
+    backbone: str = DEFAULT_BACKBONE
     format_version: int = STATS_FORMAT_VERSION
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.w_bits, self.a_bits, self.range_method, self.keep_edge_layers_8bit, self.backbone)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -55,6 +61,9 @@ class StatsConfig:
     def differences(self, other: "StatsConfig") -> list[str]:
         return [f"{f.name}: file has {getattr(self, f.name)!r}, wanted {getattr(other, f.name)!r}"
                 for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+FIT_KEYS = ("mu_x", "mu_y", "var_x", "var_y", "cov", "n")
 
 
 def fit_joint_gaussian(x: torch.Tensor, y: torch.Tensor, outlier_sigmas: float = OUTLIER_SIGMAS) -> dict[str, torch.Tensor]:
@@ -93,11 +102,11 @@ class NoiseStatistics:
     timesteps: list[int]
     tensor: dict[str, torch.Tensor]  # mu_x, mu_y, var_x, var_y, cov, n: each [S]
     channel: dict[str, torch.Tensor]  # the same, each [S, C]
-    ptqd_k: torch.Tensor  # [S] slope of Δ on the FP output, clipped ≥ 0
+    ptqd_slope: torch.Tensor  # [S] slope of Δ on the FP output, clipped ≥ 0
     ptqd_bias: torch.Tensor  # [S, C] mean of Δ per channel
     ptqd_sigma: torch.Tensor  # [S] std of the residual Δ − k·ε
     pair_sample: torch.Tensor  # [S, 2, K] a random subset of (ε̂, Δ) pairs per step, for figures
-    activation_ranges: ActivationRanges | None = None  # the quantizer these statistics belong to
+    quantizer: Quantizer  # the quantized network these statistics belong to
 
     # -- the conditional model (METHOD.md §2)
 
@@ -130,33 +139,41 @@ class NoiseStatistics:
 
     # -- tables
 
-    def table(self, schedule) -> pd.DataFrame:
-        """One row per step: the schedule, the tensor-wise fit, D-D²'s σ_t', and PTQD's terms."""
+    def table(self, schedule, granularity: str = "channel") -> pd.DataFrame:
+        """One row per step: the schedule, the tensor-wise fit, PTQD's terms, and the σ_t' that D-D²
+        applies at `granularity` (the run's): `sigma_t_prime` when tensor-wise, one column
+        `sigma_t_prime_c<c>` per channel when channel-wise; `variance_absorbed` is True where every
+        channel took its residual variance in full (k_t² σ_cond² < σ_t²)."""
         rho, sigma_cond = self.rho("tensor"), self.sigma_cond("tensor")
+        residual = self.sigma_cond(granularity)
         rows = []
         for i, coeff in enumerate(schedule.steps):
-            absorbed = coeff.k**2 * float(sigma_cond[i]) ** 2
-            rows.append(
-                {
-                    "step": i,
-                    "t": coeff.t,
-                    "alpha_bar": coeff.alpha_bar,
-                    "sigma_t": coeff.sigma,
-                    "k_t": coeff.k,
-                    "mu_eps_hat": float(self.tensor["mu_x"][i]),
-                    "mu_delta": float(self.tensor["mu_y"][i]),
-                    "sigma_eps_hat": float(self.tensor["var_x"][i].sqrt()),
-                    "sigma_delta": float(self.tensor["var_y"][i].sqrt()),
-                    "rho": float(rho[i]),
-                    "sigma_cond": float(sigma_cond[i]),
-                    "sigma_t_prime": float(np.sqrt(coeff.sigma**2 - absorbed)) if absorbed < coeff.sigma**2 else 0.0,
-                    "variance_absorbed": bool(absorbed < coeff.sigma**2),
-                    "ptqd_k": float(self.ptqd_k[i]),
-                    "ptqd_bias": float(self.ptqd_bias[i].mean()),
-                    "ptqd_sigma_q": float(self.ptqd_sigma[i]),
-                    "n_pairs": int(self.tensor["n"][i]),
-                }
-            )
+            row = {
+                "step": i,
+                "t": coeff.t,
+                "alpha_bar": coeff.alpha_bar,
+                "sigma_t": coeff.sigma,
+                "k_t": coeff.k,
+                "mu_eps_hat": float(self.tensor["mu_x"][i]),
+                "mu_delta": float(self.tensor["mu_y"][i]),
+                "sigma_eps_hat": float(self.tensor["var_x"][i].sqrt()),
+                "sigma_delta": float(self.tensor["var_y"][i].sqrt()),
+                "rho": float(rho[i]),
+                "sigma_cond": float(sigma_cond[i]),
+            }
+            sigma_prime = torch.as_tensor(coeff.absorbed_sigma(residual[i]), dtype=torch.float64).expand(residual[i].shape)
+            if granularity == "tensor":
+                row["sigma_t_prime"] = float(sigma_prime)
+            else:
+                row |= {f"sigma_t_prime_c{c}": float(value) for c, value in enumerate(sigma_prime)}
+            row["variance_absorbed"] = bool(torch.as_tensor(coeff.variance_absorbed(residual[i])).all())
+            row |= {
+                "ptqd_slope": float(self.ptqd_slope[i]),
+                "ptqd_bias": float(self.ptqd_bias[i].mean()),
+                "ptqd_sigma_q": float(self.ptqd_sigma[i]),
+                "n_pairs": int(self.tensor["n"][i]),
+            }
+            rows.append(row)
         return pd.DataFrame(rows)
 
     def channel_table(self) -> pd.DataFrame:
@@ -183,14 +200,13 @@ class NoiseStatistics:
         tensors = {f"tensor.{k}": v.contiguous() for k, v in self.tensor.items()}
         tensors |= {f"channel.{k}": v.contiguous() for k, v in self.channel.items()}
         tensors |= {
-            "ptqd.k": self.ptqd_k,
+            "ptqd.slope": self.ptqd_slope,
             "ptqd.bias": self.ptqd_bias,
             "ptqd.sigma": self.ptqd_sigma,
             "pair_sample": self.pair_sample.half(),  # for figures only: half precision keeps shipped files small
             "timesteps": torch.tensor(self.timesteps),
         }
-        if self.activation_ranges is not None:
-            tensors |= self.activation_ranges.to_tensors()
+        tensors |= self.quantizer.to_tensors()
         save_file(tensors, str(path), metadata={"config": self.config.to_json()})
 
     @classmethod
@@ -206,22 +222,23 @@ class NoiseStatistics:
             raise ConfigError("stats", str(path), f"a statistics file written by `d2dpm stats` (this one is unreadable: {error})") from None
         if expected is not None and config != expected:
             raise ConfigError("stats", str(path), "statistics made for this configuration; mismatch in " + "; ".join(config.differences(expected)))
-
-        def group(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        acts = group("act.")
-        return cls(
-            config=config,
-            timesteps=[int(t) for t in tensors["timesteps"]],
-            tensor=group("tensor."),
-            channel=group("channel."),
-            ptqd_k=tensors["ptqd.k"],
-            ptqd_bias=tensors["ptqd.bias"],
-            ptqd_sigma=tensors["ptqd.sigma"],
-            pair_sample=tensors["pair_sample"].float(),
-            activation_ranges=ActivationRanges.from_tensors({f"act.{k}": v for k, v in acts.items()}) if acts else None,
-        )
+        try:
+            stats = cls(
+                config=config,
+                timesteps=[int(t) for t in tensors["timesteps"]],
+                tensor={key: tensors[f"tensor.{key}"] for key in FIT_KEYS},
+                channel={key: tensors[f"channel.{key}"] for key in FIT_KEYS},
+                ptqd_slope=tensors["ptqd.slope"],
+                ptqd_bias=tensors["ptqd.bias"],
+                ptqd_sigma=tensors["ptqd.sigma"],
+                pair_sample=tensors["pair_sample"].float(),
+                quantizer=Quantizer.from_tensors(config.backbone, tensors),
+            )
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise ConfigError("stats", str(path), f"a complete statistics file written by `d2dpm stats` (missing or broken entry: {error})") from None
+        if any(len(v) != config.steps for v in (stats.timesteps, stats.ptqd_slope, *stats.tensor.values())):
+            raise ConfigError("stats", str(path), "a complete statistics file written by `d2dpm stats` (its per-step tables are incomplete)")
+        return stats
 
 
 def _broadcast_shape(reference: torch.Tensor, granularity: str) -> tuple[int, ...]:
@@ -243,9 +260,9 @@ class PairAccumulator:
         self.eps_hat[step].append(eps_hat.detach().float().cpu())
         self.eps_fp[step].append(eps_fp.detach().float().cpu())
 
-    def fit(self, config: StatsConfig, timesteps: list[int], activation_ranges: ActivationRanges | None) -> NoiseStatistics:
+    def fit(self, config: StatsConfig, timesteps: list[int], quantizer: Quantizer) -> NoiseStatistics:
         tensor_fits, channel_fits = [], []
-        ptqd_k, ptqd_bias, ptqd_sigma, pair_sample = [], [], [], []
+        ptqd_slope, ptqd_bias, ptqd_sigma, pair_sample = [], [], [], []
         for eps_hat_batches, eps_fp_batches in zip(self.eps_hat, self.eps_fp):
             eps_hat = by_channel(torch.cat(eps_hat_batches))  # [C, M]
             eps_fp = by_channel(torch.cat(eps_fp_batches))
@@ -257,7 +274,7 @@ class PairAccumulator:
             centred_eps = eps_flat - eps_flat.mean()
             slope = float((centred_eps * (delta_flat - delta_flat.mean())).sum() / centred_eps.pow(2).sum())
             slope = max(slope, 0.0)
-            ptqd_k.append(slope)
+            ptqd_slope.append(slope)
             ptqd_bias.append(delta.double().mean(dim=1))
             ptqd_sigma.append(float((delta_flat - slope * eps_flat).std()))
             picks = torch.randint(0, eps_hat.numel(), (min(PAIRS_KEPT_FOR_FIGURES, eps_hat.numel()),), generator=self.generator)
@@ -271,9 +288,9 @@ class PairAccumulator:
             timesteps=list(timesteps),
             tensor=stack(tensor_fits),
             channel=stack(channel_fits),
-            ptqd_k=torch.tensor(ptqd_k, dtype=torch.float64),
+            ptqd_slope=torch.tensor(ptqd_slope, dtype=torch.float64),
             ptqd_bias=torch.stack(ptqd_bias),
             ptqd_sigma=torch.tensor(ptqd_sigma, dtype=torch.float64),
             pair_sample=torch.stack(pair_sample),
-            activation_ranges=activation_ranges,
+            quantizer=quantizer,
         )

@@ -26,7 +26,7 @@ class SamplerNoise:
     """
 
     initial: torch.Tensor  # [N, *shape]
-    step: list[torch.Tensor]  # z for each step
+    variance: list[torch.Tensor]  # z for each step (diffusers' variance_noise)
     extra: list[torch.Tensor]  # z' for each step
 
     @classmethod
@@ -34,11 +34,11 @@ class SamplerNoise:
         generator = torch.Generator().manual_seed(int(seed))
         shape = (num_samples, *sample_shape)
         initial = torch.randn(shape, generator=generator)
-        step, extra = [], []
+        variance, extra = [], []
         for _ in range(num_steps):
-            step.append(torch.randn(shape, generator=generator).to(device))
+            variance.append(torch.randn(shape, generator=generator).to(device))
             extra.append(torch.randn(shape, generator=generator).to(device))
-        return cls(initial.to(device), step, extra)
+        return cls(initial.to(device), variance, extra)
 
 
 @dataclass
@@ -96,7 +96,7 @@ def sample(
         for track in tracks:
             eps_raw = outputs[track.network][track.name]
             corrected = track.correction(eps_raw, coeff, extra_noise=noise.extra[coeff.index], eps_fp=outputs["fp"].get(track.name))
-            x_prev, x0 = schedule.step(states[track.name], corrected.eps, coeff, corrected.sigma, noise.step[coeff.index])
+            x_prev, x0 = schedule.step(states[track.name], corrected.eps, coeff, corrected.sigma, noise.variance[coeff.index])
             records[track.name] = StepRecord(
                 method=track.name,
                 step=coeff.index,

@@ -29,6 +29,28 @@ class StepCoefficients:
     sigma: float  # σ_t = η · sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_prev)
     k: float  # k_t = sqrt(1 − ᾱ_prev − σ_t²) − sqrt(ᾱ_prev (1 − ᾱ_t)/ᾱ_t): gain of an error in E on x_prev
 
+    def absorbed_sigma(self, residual_std: float | torch.Tensor) -> float | torch.Tensor:
+        """σ_t' = sqrt(σ_t² − k_t² σ_res²) if k_t² σ_res² < σ_t², else 0 (the official code's clamp):
+        the step noise left once the residual quantization noise σ_res (scalar, or one per channel)
+        has taken its share, k_t being its gain on x_prev (docs/method.md §3). k_t uses the original
+        σ_t, as PTQD and D²-DPM do.
+
+        At η = 0, σ_t = 0 and nothing can be absorbed: σ_t itself (0.0) comes back, so the step is
+        bit-identical to the uncorrected one. Returns a float for a scalar σ_res, else a float64
+        tensor with one σ_t' per channel. The one place σ_t' is computed: the corrections apply it,
+        the statistics table and the Deviation view show it."""
+        if self.sigma == 0.0:
+            return self.sigma
+        residual = torch.as_tensor(residual_std, dtype=torch.float64)
+        sigma_prime = (self.sigma**2 - self.k**2 * residual**2).clamp_min(0.0).sqrt()
+        return float(sigma_prime) if sigma_prime.dim() == 0 else sigma_prime
+
+    def variance_absorbed(self, residual_std: float | torch.Tensor) -> bool | torch.Tensor:
+        """Whether σ_t' could take the residual variance in full (k_t² σ_res² < σ_t²), per channel if given per channel."""
+        residual = torch.as_tensor(residual_std, dtype=torch.float64)
+        absorbed = self.k**2 * residual**2 < self.sigma**2
+        return bool(absorbed) if absorbed.dim() == 0 else absorbed
+
 
 class DDIMSchedule:
     """The S steps of DDIM sampling with stochasticity η for one diffusers scheduler config."""

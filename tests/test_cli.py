@@ -28,7 +28,7 @@ def test_compare_writes_every_output(conditional_model_dir, tmp_path):
     assert len(trajectory) == 8 * 6 and set(trajectory["step"]) == set(range(6))
     assert (trajectory.loc[trajectory.method == "fp", "rmse_xt"] == 0).all()
     stats = pd.read_csv(out / "stats.csv")
-    assert len(stats) == 6 and {"mu_delta", "sigma_delta", "rho", "sigma_cond", "k_t", "ptqd_k"} <= set(stats.columns)
+    assert len(stats) == 6 and {"mu_delta", "sigma_delta", "rho", "sigma_cond", "k_t", "ptqd_slope"} <= set(stats.columns)
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["w_bits"] == 4 and run["efficiency"]["compression"] > 1
     grid = Image.open(out / "grid.png")

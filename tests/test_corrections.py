@@ -64,7 +64,7 @@ def test_s_d2_at_eta_zero_is_random_across_seeds_and_repeatable_for_one():
     assert torch.equal(first, again)
     # Another seed changes x_T too; isolate z' by keeping x_T and the z's and redrawing z' only.
     noise = SamplerNoise.draw(4, (3, 8, 8), 6, 1)
-    redrawn = SamplerNoise(noise.initial, noise.step, [torch.randn_like(z) for z in noise.extra])
+    redrawn = SamplerNoise(noise.initial, noise.variance, [torch.randn_like(z) for z in noise.extra])
     predictors = {"fp": NoisePredictor(quantized.fp, None), "q": NoisePredictor(quantized, None)}
     track = [Track("s-d2", "q", make_correction("s-d2", stats))]
     with_new_extra = list(sample(schedule, predictors, track, redrawn))[-1]["s-d2"].x_prev
@@ -114,7 +114,7 @@ def test_d2_and_ptqd_apply_their_formulas():
     assert torch.allclose(var_only.sigma, (step.sigma**2 - step.k**2 * sigma_delta**2).clamp_min(0).sqrt(), atol=1e-6)
 
     p = PTQDCorrection(stats)(eps_hat, step)
-    gain = 1 + float(stats.ptqd_k[2])
+    gain = 1 + float(stats.ptqd_slope[2])
     assert torch.allclose(p.eps, (eps_hat - stats.ptqd_bias[2].float().view(1, 3, 1, 1)) / gain, atol=1e-6)
     residual = float(stats.ptqd_sigma[2]) / gain
     assert p.sigma == pytest.approx(math.sqrt(max(step.sigma**2 - step.k**2 * residual**2, 0.0)))

@@ -9,6 +9,7 @@ from conftest import SCHEDULER_CONFIG
 from d2dpm.errors import ConfigError
 from d2dpm.models import NoisePredictor
 from d2dpm.noise_model import RHO_LIMIT, NoiseStatistics, PairAccumulator, StatsConfig, fit_joint_gaussian
+from d2dpm.quant import Quantizer
 from d2dpm.schedule import DDIMSchedule
 from synthetic import GaussianDataEps, NoisyCopy
 
@@ -61,7 +62,7 @@ def calibrate_synthetic(quantized: NoisyCopy, steps=10, eta=1.0, samples=64, see
         pairs.add(coeff.index, q(x, coeff.t), eps)
         x, _ = schedule.step(x, eps, coeff, coeff.sigma, torch.randn(x.shape, generator=generator))
     config = StatsConfig("synthetic", 4, 8, steps, eta, 1.0, samples, seed)
-    return schedule, pairs.fit(config, [c.t for c in schedule], None)
+    return schedule, pairs.fit(config, [c.t for c in schedule], Quantizer("rtn", {}))  # a synthetic "network": no layers
 
 
 def test_statistics_recover_injected_noise_per_step_and_channel():
@@ -92,10 +93,10 @@ def test_ptqd_statistics_recover_a_known_slope():
     sigma_eps = (stats.tensor["var_x"].sqrt() / 1.25)
     noise_std = 0.02 * 2 * torch.ones_like(sigma_eps)  # the injected std is at most doubled by the time profile
     tolerance = 4 * noise_std / (sigma_eps * stats.tensor["n"].sqrt())
-    assert ((stats.ptqd_k - 0.25).abs() <= tolerance).all()
+    assert ((stats.ptqd_slope - 0.25).abs() <= tolerance).all()
     negative = NoisyCopy(GaussianDataEps(), bias=[0.0] * 3, std=[0.02] * 3, slope=-0.25)
     _, stats = calibrate_synthetic(negative, eta=0.0)
-    assert float(stats.ptqd_k.max()) == 0.0  # PTQD forbids negative correlation: clipped at 0
+    assert float(stats.ptqd_slope.max()) == 0.0  # PTQD forbids negative correlation: clipped at 0
 
 
 def test_conditional_mean_and_sigma_follow_the_gaussian_formulas():
@@ -115,11 +116,12 @@ def test_conditional_mean_and_sigma_follow_the_gaussian_formulas():
 def test_table_has_one_row_per_step_and_the_schedule(tmp_path):
     quantized = NoisyCopy(GaussianDataEps(), bias=[0.1] * 3, std=[0.1] * 3)
     schedule, stats = calibrate_synthetic(quantized, steps=8)
-    table = stats.table(schedule)
-    assert list(table["t"]) == [c.t for c in schedule]
-    for column in ["alpha_bar", "sigma_t", "k_t", "mu_eps_hat", "mu_delta", "sigma_eps_hat", "sigma_delta", "rho", "sigma_cond",
-                   "sigma_t_prime", "ptqd_k", "ptqd_bias", "ptqd_sigma_q"]:
-        assert column in table and table[column].notna().all(), column
+    for granularity, sigma_prime in [("tensor", ["sigma_t_prime"]), ("channel", ["sigma_t_prime_c0", "sigma_t_prime_c1", "sigma_t_prime_c2"])]:
+        table = stats.table(schedule, granularity)
+        assert list(table["t"]) == [c.t for c in schedule]
+        for column in ["alpha_bar", "sigma_t", "k_t", "mu_eps_hat", "mu_delta", "sigma_eps_hat", "sigma_delta", "rho", "sigma_cond",
+                       *sigma_prime, "variance_absorbed", "ptqd_slope", "ptqd_bias", "ptqd_sigma_q"]:
+            assert column in table and table[column].notna().all(), column
     assert len(stats.channel_table()) == 8 * 3
 
 

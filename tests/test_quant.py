@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import tiny_unet
 from d2dpm.errors import ConfigError
-from d2dpm.quant import ActivationObserver, QuantConfig, count_macs, efficiency, fake_quantize_weight, quantize_network
+from d2dpm.quant import ActivationObserver, QuantConfig, count_macs, efficiency, fake_quantize_weight, quantize_network, weight_grid
 
 
 def calibrated_quantized(network, config, inputs):
@@ -17,7 +17,11 @@ def calibrated_quantized(network, config, inputs):
     with observer, torch.no_grad():
         for args in inputs:
             network(*args)
-    return quantize_network(network, observer.ranges(config), config.range_method), observer
+    return quantize_network(network, observer.round_to_nearest(config)), observer
+
+
+def nearest(weight, bits, range_method):
+    return fake_quantize_weight(weight, bits, *weight_grid(weight, bits, range_method))
 
 
 def unet_inputs(count=3, seed=0):
@@ -28,7 +32,7 @@ def unet_inputs(count=3, seed=0):
 def test_weight_quantization_matches_the_affine_formula():
     weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     bits = 4
-    quantized = fake_quantize_weight(weight, bits, "minmax")
+    quantized = nearest(weight, bits, "minmax")
     flat = weight.reshape(4, -1)
     low, high = flat.min(1).values.clamp(max=0), flat.max(1).values.clamp(min=0)
     scale = (high - low) / (2**bits - 1)
@@ -43,7 +47,7 @@ def test_weight_quantization_matches_the_affine_formula():
 def test_mse_range_beats_minmax_on_heavy_tailed_weights():
     torch.manual_seed(0)
     weight = torch.distributions.Laplace(0.0, 1.0).sample((16, 256))  # long tails stretch the min-max grid
-    errors = {m: float((fake_quantize_weight(weight, 3, m) - weight).pow(2).mean()) for m in ("minmax", "mse")}
+    errors = {m: float((nearest(weight, 3, m) - weight).pow(2).mean()) for m in ("minmax", "mse")}
     assert errors["mse"] < 0.8 * errors["minmax"]
 
 
@@ -95,10 +99,10 @@ def test_quantize_leaves_the_fp_network_untouched_and_both_run_concurrently():
 def test_first_and_last_layers_stay_at_8_bits():
     unet = tiny_unet()
     _, observer = calibrated_quantized(unet, QuantConfig(4, 6), unet_inputs(1))
-    bits = observer.ranges(QuantConfig(4, 6)).bits
+    bits = observer.round_to_nearest(QuantConfig(4, 6)).bits
     assert bits["conv_in"] == (8, 8) and bits["conv_out"] == (8, 8)
     assert bits["time_embedding.linear_1"] == (4, 6)
-    assert observer.ranges(QuantConfig(4, 6, keep_edge_layers_8bit=False)).bits["conv_in"] == (4, 6)
+    assert observer.round_to_nearest(QuantConfig(4, 6, keep_edge_layers_8bit=False)).bits["conv_in"] == (4, 6)
 
 
 def test_conditional_unet_and_plain_modules_quantize():
@@ -123,7 +127,7 @@ def test_conditional_unet_and_plain_modules_quantize():
 def test_efficiency_counts_size_and_bops_by_hand():
     network = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
     _, observer = calibrated_quantized(network, QuantConfig(4, 8, keep_edge_layers_8bit=False), [(torch.randn(2, 3, 4, 4),)])
-    bits = observer.ranges(QuantConfig(4, 8, keep_edge_layers_8bit=False)).bits
+    bits = observer.round_to_nearest(QuantConfig(4, 8, keep_edge_layers_8bit=False)).bits
     macs = count_macs(network, lambda: network(torch.randn(1, 3, 4, 4)))
     conv_macs, linear_macs = 8 * 4 * 4 * 3 * 9, 10 * 128
     assert macs == {"0": conv_macs, "2": linear_macs}

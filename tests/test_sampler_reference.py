@@ -18,7 +18,7 @@ def reference_loop(unet, config, steps, eta, noise: SamplerNoise) -> torch.Tenso
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
             eps = unet(x, t).sample
-            x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise.step[i] if eta > 0 else None).prev_sample
+            x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise.variance[i] if eta > 0 else None).prev_sample
     return x
 
 

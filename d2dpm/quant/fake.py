@@ -1,10 +1,10 @@
-"""Simulated post-training quantization of an ε-network (METHOD.md §5).
+"""Uniform affine fake quantization and the quantized layer (docs/method.md §5).
 
-Uniform affine fake quantization through torch's own ops: x_int = clamp(round(x/s) + z, 0, 2^b − 1),
-x̃ = s·(x_int − z). Weights per output channel, layer inputs per tensor. The transform is
-explicit: observe layer inputs on full-precision sampling trajectories (`ActivationObserver`),
-turn them into ranges (`ActivationRanges`), then `quantize_network` returns a *new* network;
-the FP network is left untouched, so both can run at once and no global switch exists.
+x_int = clamp(round(x/s) + z, 0, 2^b − 1), x̃ = s·(x_int − z), through torch's own ops. Weights per
+output channel, layer inputs per tensor (or per part of a concatenated input, see `LayerQuantizer`).
+A `Quantizer` holds everything that defines the quantized network, layer by layer, so it can be
+saved beside the noise statistics it produced and rebuilt exactly; `quantize_network` returns a
+*new* network and leaves the FP one untouched, so both can run at once and no global switch exists.
 """
 
 from __future__ import annotations
@@ -12,21 +12,25 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import check_int_range
+from ..errors import ConfigError, check_int_range
 
 NOT_QUANTIZED_BITS = (16, 32)  # "16 or 32 bits" means the tensor stays in floating point
 WEIGHT_BITS = (2, 8)
 ACTIVATION_BITS = (4, 8)
 EDGE_LAYER_BITS = 8  # first and last layer stay at 8 bits (Q-Diffusion, PTQD, D²-DPM)
 RANGE_METHODS = ("mse", "minmax")
+# How the quantized network is made (docs/quantization.md): round to nearest; that plus per-layer
+# bias correction; learned rounding (AdaRound) with split concat inputs, plus bias correction.
+BACKBONES = ("adaround", "bias-correction", "rtn")
+DEFAULT_BACKBONE = "adaround"
 _CLIP_RATIOS = torch.linspace(1.0, 0.2, 33)  # the MSE search shrinks [min, max] by these factors
-_OBSERVED_VALUES_PER_CALL = 4096  # random layer-input values kept per forward, for the MSE search
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
@@ -37,25 +41,36 @@ class QuantConfig:
     a_bits: int = 8
     range_method: str = "mse"  # how activation and weight clipping ranges are chosen
     keep_edge_layers_8bit: bool = True
+    backbone: str = DEFAULT_BACKBONE
 
     def __post_init__(self):
         object.__setattr__(self, "w_bits", check_int_range("w_bits", self.w_bits, *WEIGHT_BITS, extra=NOT_QUANTIZED_BITS))
         object.__setattr__(self, "a_bits", check_int_range("a_bits", self.a_bits, *ACTIVATION_BITS, extra=NOT_QUANTIZED_BITS))
         if self.range_method not in RANGE_METHODS:
-            from .errors import ConfigError
-
             raise ConfigError("range_method", self.range_method, " or ".join(RANGE_METHODS))
+        if self.backbone not in BACKBONES:
+            raise ConfigError("backbone", self.backbone, ", ".join(BACKBONES))
 
     @property
     def label(self) -> str:
         return f"W{self.w_bits}A{self.a_bits}"
+
+    def layer_bits(self, is_edge: bool) -> tuple[int, int]:
+        """(weight bits, activation bits) of a layer: edge layers are raised to 8 bits, never lowered."""
+        if not (is_edge and self.keep_edge_layers_8bit):
+            return self.w_bits, self.a_bits
+
+        def raise_to_edge(bits: int) -> int:
+            return bits if bits in NOT_QUANTIZED_BITS else max(bits, EDGE_LAYER_BITS)
+
+        return raise_to_edge(self.w_bits), raise_to_edge(self.a_bits)
 
 
 def quantizable_layers(network: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in network.named_modules() if isinstance(module, QUANTIZABLE)}
 
 
-def _affine_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_grid(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of the uniform grid over [low, high] (widened to contain 0)."""
     low = low.clamp(max=0.0)
     high = high.clamp(min=0.0)
@@ -65,144 +80,60 @@ def _affine_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[to
     return scale.float(), zero_point
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int, range_method: str) -> torch.Tensor:
-    """Per-output-channel fake quantization, the clipping range searched for least MSE per channel."""
-    if bits in NOT_QUANTIZED_BITS:
-        return weight
+def weight_grid(weight: torch.Tensor, bits: int, range_method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (scale, zero point); with "mse", each channel's [min, max] is shrunk by
+    the factor that minimises that channel's rounding MSE."""
     flat = weight.detach().reshape(weight.shape[0], -1).float()
     low, high = flat.min(dim=1).values, flat.max(dim=1).values
     ratios = _CLIP_RATIOS if range_method == "mse" else _CLIP_RATIOS[:1]
-    best, best_error = None, None
+    best_scale, best_zero, best_error = None, None, None
     for ratio in ratios:
-        scale, zero_point = _affine_params(low * ratio, high * ratio, bits)
+        scale, zero_point = affine_grid(low * ratio, high * ratio, bits)
         quantized = torch.fake_quantize_per_channel_affine(flat, scale, zero_point, 0, 0, 2**bits - 1)
         error = (quantized - flat).pow(2).mean(dim=1)
-        if best is None:
-            best, best_error = quantized, error
+        if best_error is None:
+            best_scale, best_zero, best_error = scale, zero_point, error
         else:
             better = error < best_error
-            best = torch.where(better[:, None], quantized, best)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero_point, best_zero)
             best_error = torch.minimum(error, best_error)
+    return best_scale, best_zero
+
+
+def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor,
+                         rounding_up: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights on the per-channel grid (scale, zero point): rounded to nearest, or, with AdaRound's
+    `rounding_up` (bool, shaped like the weight), floor(W/s) + 1 where it is set and floor(W/s) elsewhere."""
+    levels = 2**bits - 1
+    if rounding_up is None:
+        quantized = torch.fake_quantize_per_channel_affine(weight.detach().float(), scale.to(weight.device),
+                                                           zero_point.to(weight.device), 0, 0, levels)
+    else:
+        s, z = _per_channel(scale, weight), _per_channel(zero_point, weight).float()
+        integer = (torch.floor(weight.detach().float() / s) + rounding_up.to(weight.device).float() + z).clamp(0, levels)
+        quantized = s * (integer - z)
     # empty_like keeps the weight's memory layout (channels-last for image networks, see models.py).
-    return torch.empty_like(weight).copy_(best.reshape(weight.shape))
+    return torch.empty_like(weight).copy_(quantized)
 
 
-def _tensor_range(values: torch.Tensor, low: float, high: float, bits: int, range_method: str) -> tuple[float, int]:
+def tensor_grid(values: torch.Tensor, low: float, high: float, bits: int, range_method: str) -> tuple[float, int]:
     """Per-tensor scale and zero point; with "mse", the shrink factor of [low, high] that
     minimises the quantization MSE of the observed values."""
     low_t, high_t = torch.tensor(low), torch.tensor(high)
     ratios = _CLIP_RATIOS if range_method == "mse" else _CLIP_RATIOS[:1]
     best = None
     for ratio in ratios:
-        scale, zero_point = _affine_params(low_t * ratio, high_t * ratio, bits)
+        scale, zero_point = affine_grid(low_t * ratio, high_t * ratio, bits)
         quantized = torch.fake_quantize_per_tensor_affine(values, float(scale), int(zero_point), 0, 2**bits - 1)
         error = float((quantized - values).pow(2).mean())
         if best is None or error < best[0]:
             best = (error, float(scale), int(zero_point))
     return best[1], best[2]
-
-
-class ActivationObserver:
-    """Records, for every Conv2d/Linear layer, the range and a random sample of its inputs.
-
-    Used as a context manager around full-precision sampling (time-step-aware calibration:
-    every step of the trajectories is seen). Also records which layer eats the network input
-    first and which runs last, the layers kept at 8 bits.
-    """
-
-    def __init__(self, network: nn.Module, seed: int = 0):
-        self.network = network
-        self.layers = quantizable_layers(network)
-        self.low: dict[str, float] = {}
-        self.high: dict[str, float] = {}
-        self.samples: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        self.order: list[str] = []  # layers in the order they first ran
-        self.input_layer: str | None = None  # the first layer fed the network's own input tensor
-        self._network_input: torch.Tensor | None = None
-        self._generator = torch.Generator().manual_seed(seed)
-        self._handles: list = []
-
-    def _hook(self, name: str):
-        def record(module, inputs):
-            if self.input_layer is None and inputs[0] is self._network_input:
-                self.input_layer = name
-            x = inputs[0].detach().float().flatten()
-            if name not in self.low:
-                self.order.append(name)
-                self.low[name], self.high[name] = float(x.min()), float(x.max())
-            else:
-                self.low[name] = min(self.low[name], float(x.min()))
-                self.high[name] = max(self.high[name], float(x.max()))
-            picks = torch.randint(0, x.numel(), (min(_OBSERVED_VALUES_PER_CALL, x.numel()),), generator=self._generator)
-            self.samples[name].append(x[picks.to(x.device)].cpu())
-
-        return record
-
-    def _remember_input(self, module, args, kwargs):
-        self._network_input = args[0] if args else next(iter(kwargs.values()), None)
-
-    def __enter__(self):
-        self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in self.layers.items()]
-        self._handles.append(self.network.register_forward_pre_hook(self._remember_input, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._network_input = None
-
-    def ranges(self, config: "QuantConfig") -> "ActivationRanges":
-        """Bit-widths of every layer under `config`, and the per-tensor (scale, zero point) of its
-        input at the layer's own activation bit-width."""
-        missing = [name for name in self.layers if name not in self.low]
-        if missing:
-            raise RuntimeError(f"layers never ran during calibration: {missing[:3]}")
-        first_layer = self.input_layer or self.order[0]
-        edge_layers = {first_layer, self.order[-1]} if config.keep_edge_layers_8bit else set()
-        bits, params = {}, {}
-        for name in self.layers:
-            bits[name] = _edge_bits(config, name in edge_layers)
-            a_bits = bits[name][1]
-            if a_bits in NOT_QUANTIZED_BITS:
-                params[name] = (1.0, 0)
-            else:
-                values = torch.cat(self.samples[name])
-                params[name] = _tensor_range(values, self.low[name], self.high[name], a_bits, config.range_method)
-        return ActivationRanges(params, bits)
-
-
-def _edge_bits(config: "QuantConfig", is_edge: bool) -> tuple[int, int]:
-    """(weight bits, activation bits) of a layer: edge layers are raised to 8 bits, never lowered."""
-
-    def raise_to_edge(bits: int) -> int:
-        return bits if bits in NOT_QUANTIZED_BITS else max(bits, EDGE_LAYER_BITS)
-
-    return (raise_to_edge(config.w_bits), raise_to_edge(config.a_bits)) if is_edge else (config.w_bits, config.a_bits)
-
-
-@dataclass
-class ActivationRanges:
-    """The calibrated quantizer of every layer: bit-widths and input (scale, zero point)."""
-
-    params: dict[str, tuple[float, int]]
-    bits: dict[str, tuple[int, int]]
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat tensors for a safetensors file: act.<layer> = [scale, zero point, weight bits, activation bits]."""
-        return {
-            f"act.{name}": torch.tensor([scale, float(zero), *map(float, self.bits[name])], dtype=torch.float64)
-            for name, (scale, zero) in self.params.items()
-        }
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ActivationRanges":
-        params, bits = {}, {}
-        for key, value in tensors.items():
-            if key.startswith("act."):
-                params[key[4:]] = (float(value[0]), int(value[1]))
-                bits[key[4:]] = (int(value[2]), int(value[3]))
-        return cls(params, bits)
 
 
 # torch.quantize_per_tensor is deprecated in favour of torchao, but on CPU it is ~10× faster than
@@ -219,45 +150,140 @@ def quantize_activation(x: torch.Tensor, scale: float, zero_point: int, bits: in
     [0, 255] is that range, and the extra pass over the tensor is skipped."""
     if bits < 8:
         x = x.clamp(-zero_point * scale, (2**bits - 1 - zero_point) * scale)
-    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
+    return torch.quantize_per_tensor(x.contiguous(), scale, zero_point, torch.quint8).dequantize()
+
+
+@dataclass
+class LayerQuantizer:
+    """How one Conv2d/Linear is quantized.
+
+    `input_grid` holds one (first channel, scale, zero point) per part of the layer's input: one
+    part, or two where the input is a concatenation of a skip connection with the upsampled path
+    (Q-Diffusion's split quantization: each half gets its own range). Empty when the input stays
+    in floating point; `weight_scale` is None when the weights do.
+    """
+
+    w_bits: int
+    a_bits: int
+    input_grid: list[tuple[int, float, int]] = field(default_factory=list)
+    weight_scale: torch.Tensor | None = None  # [C_out]
+    weight_zero_point: torch.Tensor | None = None  # [C_out] int32
+    rounding_up: torch.Tensor | None = None  # AdaRound: bool like the weight, True = floor(W/s) + 1
+    bias_correction: torch.Tensor | None = None  # [C_out], subtracted from the layer's output
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_grid:
+            return x
+        if len(self.input_grid) == 1:
+            _, scale, zero_point = self.input_grid[0]
+            return quantize_activation(x, scale, zero_point, self.a_bits)
+        ends = [first for first, _, _ in self.input_grid[1:]] + [x.shape[1]]
+        return torch.cat([quantize_activation(x[:, first:end], scale, zero_point, self.a_bits)
+                          for (first, scale, zero_point), end in zip(self.input_grid, ends)], dim=1)
+
+    def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is None:
+            return weight
+        return fake_quantize_weight(weight, self.w_bits, self.weight_scale, self.weight_zero_point, self.rounding_up)
 
 
 class QuantizedLayer(nn.Module):
     """A Conv2d/Linear whose weight is stored already fake-quantized and whose input is
-    fake-quantized per tensor on every forward. The output is left in floating point."""
+    fake-quantized on every forward. The output is left in floating point."""
 
-    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int, act_params: tuple[float, int] | None, range_method: str):
+    def __init__(self, layer: nn.Module, quantizer: LayerQuantizer):
         super().__init__()
         self.inner = layer
-        self.w_bits, self.a_bits = w_bits, a_bits
-        self.weight = nn.Parameter(fake_quantize_weight(layer.weight, w_bits, range_method), requires_grad=False)
-        self.bias = layer.bias
-        self.act_scale, self.act_zero_point = act_params if act_params is not None else (1.0, 0)
-        self.quantize_input = a_bits not in NOT_QUANTIZED_BITS
+        self.quantizer = quantizer
+        self.w_bits, self.a_bits = quantizer.w_bits, quantizer.a_bits
+        self.weight = nn.Parameter(quantizer.quantized_weight(layer.weight), requires_grad=False)
+        bias = layer.bias
+        if quantizer.bias_correction is not None:
+            correction = quantizer.bias_correction.to(layer.weight)
+            bias = nn.Parameter((bias.detach() if bias is not None else 0) - correction, requires_grad=False)
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantize_input:
-            x = quantize_activation(x, self.act_scale, self.act_zero_point, self.a_bits)
+        x = self.quantizer.quantize_input(x)
         if isinstance(self.inner, nn.Conv2d):
             return self.inner._conv_forward(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"W{self.w_bits}A{self.a_bits}, {type(self.inner).__name__}"
+        parts = ", split input" if len(self.quantizer.input_grid) > 1 else ""
+        return f"W{self.w_bits}A{self.a_bits}{parts}, {type(self.inner).__name__}"
 
 
-def quantize_network(network: nn.Module, ranges: ActivationRanges, range_method: str = "mse") -> nn.Module:
+@dataclass
+class Quantizer:
+    """The quantized network, layer by layer, and the backbone that made it."""
+
+    backbone: str
+    layers: dict[str, LayerQuantizer]
+
+    @property
+    def bits(self) -> dict[str, tuple[int, int]]:
+        return {name: (layer.w_bits, layer.a_bits) for name, layer in self.layers.items()}
+
+    # -- safetensors: flat tensors under "quant.<layer>.<field>"
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in self.layers.items():
+            prefix = f"quant.{name}."
+            tensors[prefix + "bits"] = torch.tensor([layer.w_bits, layer.a_bits], dtype=torch.int32)
+            tensors[prefix + "input_grid"] = torch.tensor(layer.input_grid, dtype=torch.float64).reshape(-1, 3)
+            if layer.weight_scale is not None:
+                tensors[prefix + "weight_scale"] = layer.weight_scale.float().contiguous()
+                tensors[prefix + "weight_zero_point"] = layer.weight_zero_point.to(torch.int32).contiguous()
+            if layer.rounding_up is not None:  # one bit per weight, and the weight's shape to unpack them
+                tensors[prefix + "rounding_up"] = torch.from_numpy(np.packbits(layer.rounding_up.cpu().flatten().numpy()))
+                tensors[prefix + "rounding_shape"] = torch.tensor(layer.rounding_up.shape, dtype=torch.int64)
+            if layer.bias_correction is not None:
+                tensors[prefix + "bias_correction"] = layer.bias_correction.float().contiguous()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, backbone: str, tensors: dict[str, torch.Tensor]) -> "Quantizer":
+        """Read back what `to_tensors` wrote (a KeyError if a layer's entry is incomplete)."""
+        layers = {}
+        names = [key[len("quant."):-len(".bits")] for key in tensors if key.startswith("quant.") and key.endswith(".bits")]
+        for name in names:
+            prefix = f"quant.{name}."
+            w_bits, a_bits = (int(b) for b in tensors[prefix + "bits"])
+            grid = [(int(first), float(scale), int(zero)) for first, scale, zero in tensors[prefix + "input_grid"].tolist()]
+            rounding = tensors.get(prefix + "rounding_up")
+            if rounding is not None:
+                shape = tuple(int(n) for n in tensors[prefix + "rounding_shape"])
+                bits = np.unpackbits(rounding.numpy(), count=math.prod(shape)).astype(bool)
+                rounding = torch.from_numpy(bits).view(shape)
+            layers[name] = LayerQuantizer(w_bits, a_bits, grid, tensors.get(prefix + "weight_scale"),
+                                          tensors.get(prefix + "weight_zero_point"), rounding, tensors.get(prefix + "bias_correction"))
+        return cls(backbone, layers)
+
+
+def quantize_network(network: nn.Module, quantizer: Quantizer) -> nn.Module:
     """A fake-quantized copy of `network`; `network` itself is not modified."""
-    quantized = copy.deepcopy(network)
-    for name, layer in list(quantizable_layers(quantized).items()):
-        w_bits, a_bits = ranges.bits[name]
-        parent_name, _, child = name.rpartition(".")
-        parent = quantized.get_submodule(parent_name) if parent_name else quantized
-        setattr(parent, child, QuantizedLayer(layer, w_bits, a_bits, ranges.params[name], range_method))
+    layers = quantizable_layers(network)
+    if set(layers) != set(quantizer.layers) or any(
+            q.rounding_up is not None and tuple(q.rounding_up.shape) != tuple(layers[name].weight.shape) for name, q in quantizer.layers.items()):
+        raise ConfigError("stats", "a quantizer made for another network", "statistics made for this model's network")
+    quantized = replace_layers(copy.deepcopy(network), lambda name, layer: QuantizedLayer(layer, quantizer.layers[name]))
     return quantized.eval().requires_grad_(False)
 
 
-# ---------------------------------------------------------------- efficiency (METHOD.md §5)
+def replace_layers(network: nn.Module, make) -> nn.Module:
+    """`network` with every Conv2d/Linear replaced, in place, by `make(name, layer)`; returns the
+    new root (the replacement itself when `network` is a single layer)."""
+    for name, layer in list(quantizable_layers(network).items()):
+        if not name:
+            return make(name, layer)
+        parent_name, _, child = name.rpartition(".")
+        setattr(network.get_submodule(parent_name), child, make(name, layer))
+    return network
+
+
+# ---------------------------------------------------------------- efficiency (docs/method.md §5)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""The PTQ backbones: bias correction and AdaRound on single layers with random data, split
+quantization of a UNet's skip concatenations, and the quantizer's exact round trip through a file."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import tiny_unet
+from d2dpm.quant import (ActivationObserver, QuantConfig, Quantizer, concat_splits, learn_rounding, mean_error_per_channel,
+                         quantize_network, reconstruct)
+
+
+def calibrate(layer, x, config):
+    with ActivationObserver(layer) as observer, torch.no_grad():
+        layer(x)
+    return observer.round_to_nearest(config)
+
+
+def conv_and_data(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Conv2d(8, 6, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.2)
+        layer.bias.copy_(torch.randn(6, generator=generator) * 0.1)
+    x = torch.relu(torch.randn(64, 8, 6, 6, generator=generator) + 0.5)  # one-sided, like post-SiLU features
+    return layer.eval(), x
+
+
+def linear_and_data(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(24, 10)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.3)
+    return layer.eval(), torch.randn(256, 24, generator=generator) + 0.3
+
+
+@pytest.mark.parametrize("make", [conv_and_data, linear_and_data])
+def test_bias_correction_removes_the_mean_output_error_per_channel(make):
+    layer, x = make()
+    rtn = calibrate(layer, x, QuantConfig(3, 4, keep_edge_layers_8bit=False, backbone="rtn"))
+    corrected = reconstruct(layer, rtn, lambda net, args: net(*args), (x,), learn_rounding_too=False)
+    with torch.no_grad():
+        reference = layer(x)
+        before = mean_error_per_channel(layer, quantize_network(layer, rtn)(x) - reference)
+        after = mean_error_per_channel(layer, quantize_network(layer, corrected)(x) - reference)
+    assert before.abs().max() > 1e-3  # 3-bit weights, 4-bit inputs: a clear bias to remove
+    assert after.abs().max() < 1e-6 * (1 + reference.abs().max())
+
+
+@pytest.mark.parametrize("make", [conv_and_data, linear_and_data])
+def test_adaround_beats_nearest_and_stays_within_one_step(make):
+    layer, x = make(seed=1)
+    config = QuantConfig(3, 8, keep_edge_layers_8bit=False)
+    rtn = calibrate(layer, x, config)
+    spec = rtn.layers[""]
+    with torch.no_grad():
+        x_quantized = spec.quantize_input(x)
+        target = layer(x) - (layer.bias.view(-1, 1, 1) if isinstance(layer, nn.Conv2d) else layer.bias)
+        rounding = learn_rounding(layer, spec, x_quantized, target, iterations=400)
+    nearest = spec.quantized_weight(layer.weight)
+    spec.rounding_up = rounding
+    learned = spec.quantized_weight(layer.weight)
+    step = spec.weight_scale.view(-1, *[1] * (layer.weight.dim() - 1))
+    assert ((learned - nearest).abs() <= step * 1.0001).all()
+    assert not torch.equal(learned, nearest)  # it did change some roundings
+
+    def output_mse(weight):
+        with torch.no_grad():
+            out = layer._conv_forward(x_quantized, weight, None) if isinstance(layer, nn.Conv2d) else x_quantized @ weight.T
+            return float((out - target).pow(2).mean())
+
+    assert output_mse(learned) < 0.9 * output_mse(nearest)
+
+
+def test_split_points_match_the_unets_own_concatenations(monkeypatch):
+    unet = tiny_unet()
+    splits = concat_splits(unet)
+    seen = []
+    original_cat = torch.cat
+
+    def recording_cat(tensors, dim=0, **kwargs):
+        if dim == 1 and len(tensors) == 2 and tensors[0].dim() == 4:
+            seen.append((tensors[0].shape[1], tensors[0].shape[1] + tensors[1].shape[1]))
+        return original_cat(tensors, dim=dim, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", recording_cat)
+    with torch.no_grad():
+        unet(torch.randn(1, 3, 8, 8), torch.tensor([10]))
+    monkeypatch.undo()
+    conv1 = [(splits[name], unet.get_submodule(name).in_channels) for name in splits if name.endswith("conv1")]
+    assert conv1 == seen and len(seen) == 4  # every resnet of both up blocks, in forward order
+
+
+def test_adaround_backbone_splits_concat_inputs_and_round_trips_through_a_file(tmp_path):
+    unet = tiny_unet()
+    x, t = torch.randn(6, 3, 8, 8), torch.tensor([900, 700, 500, 300, 100, 10])
+    with ActivationObserver(unet, splits=concat_splits(unet)) as observer, torch.no_grad():
+        unet(x, t)
+    quantizer = observer.round_to_nearest(QuantConfig(4, 8))
+    assert len(quantizer.layers["up_blocks.0.resnets.0.conv_shortcut"].input_grid) == 2
+    fitted = reconstruct(unet, quantizer, lambda net, args: net(*args).sample, (x, t), learn_rounding_too=True, iterations=20)
+    assert fitted.layers["down_blocks.0.resnets.0.conv1"].rounding_up is not None
+    save_file(fitted.to_tensors(), str(tmp_path / "q.safetensors"))
+    again = Quantizer.from_tensors("adaround", load_file(str(tmp_path / "q.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(quantize_network(unet, fitted)(x, t).sample, quantize_network(unet, again)(x, t).sample)
