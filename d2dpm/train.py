@@ -225,23 +225,27 @@ def steps_left(args: argparse.Namespace, step: int, first_step: int, elapsed: fl
 
 
 class WeightAverage:
-    """The exponential moving average of the weights that is saved: w̄ ← w̄ + (1 − decay)(w − w̄).
-    One fused `_foreach_lerp_` over all parameters, so it can be part of a captured CUDA graph."""
+    """The exponential moving average of the weights that is saved: w̄ ← w̄ + (1 − d)(w − w̄), with
+    the usual warm-up d = min(decay, (1 + n)/(10 + n)) after n updates, so the random initial
+    weights are forgotten within the first hundred steps rather than weighing decay^n (19 % after
+    3 000 steps at 0.9995). One fused `_foreach_lerp_` over all parameters, run after each step."""
 
-    def __init__(self, network: torch.nn.Module, decay: float):
+    def __init__(self, network: torch.nn.Module, decay: float, updates: int = 0):
         self.module = copy.deepcopy(network).requires_grad_(False)
-        self.decay = decay
+        self.decay, self.updates = decay, updates
         self._averaged = list(self.module.parameters())
         self._live = list(network.parameters())
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self._averaged, self._live, 1.0 - self.decay)
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._averaged, self._live, 1.0 - decay)
+        self.updates += 1
 
 
 class TrainingStep:
     """One optimizer step on a batch held in fixed tensors: forward, ε-MSE, backward, gradient
-    clipping, AdamW, weight average.
+    clipping, AdamW; then the weight average (outside the graph: its decay changes while it warms up).
 
     On CUDA the step is captured once as a CUDA graph and replayed: the embedded networks are so
     small that launching their ~1000 kernels one by one, not the arithmetic, bounds the speed.
@@ -287,16 +291,18 @@ class TrainingStep:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, GRAD_CLIP, foreach=self.device.type == "cuda")
         self.optimizer.step()
-        self.average.update()
         return loss
 
     def run(self) -> torch.Tensor:
         """One step on the loaded batch; returns the loss (a tensor, not synchronised)."""
         if self.graph is not None:
             self.graph.replay()
-            return self.loss
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._step().detach()
+            loss = self.loss
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._step().detach()
+        self.average.update()
+        return loss
 
     def capture(self, report) -> None:
         """Record the step as a CUDA graph (after the eager steps that warmed up cuDNN and the
@@ -412,7 +418,7 @@ def run_train(args: argparse.Namespace) -> Path:
         earlier_commands = state["training"].get("earlier_commands", []) + [state["training"]["command"]]
         with open(args.resume / LOG_FILE, newline="") as file:
             log_rows = list(csv.DictReader(file))
-    ema = WeightAverage(network, args.ema_decay)
+    ema = WeightAverage(network, args.ema_decay, updates=step)
     if args.resume:
         subfolder = "unet" if data.kind == "image" else "network"
         ema.module.load_state_dict(type(network).from_pretrained(args.resume / subfolder, low_cpu_mem_usage=False).state_dict())

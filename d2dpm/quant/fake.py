@@ -234,13 +234,13 @@ class Quantizer:
             tensors[prefix + "bits"] = torch.tensor([layer.w_bits, layer.a_bits], dtype=torch.int32)
             tensors[prefix + "input_grid"] = torch.tensor(layer.input_grid, dtype=torch.float64).reshape(-1, 3)
             if layer.weight_scale is not None:
-                tensors[prefix + "weight_scale"] = layer.weight_scale.float().contiguous()
-                tensors[prefix + "weight_zero_point"] = layer.weight_zero_point.to(torch.int32).contiguous()
+                tensors[prefix + "weight_scale"] = layer.weight_scale.float().cpu().contiguous()
+                tensors[prefix + "weight_zero_point"] = layer.weight_zero_point.to(torch.int32).cpu().contiguous()
             if layer.rounding_up is not None:  # one bit per weight, and the weight's shape to unpack them
                 tensors[prefix + "rounding_up"] = torch.from_numpy(np.packbits(layer.rounding_up.cpu().flatten().numpy()))
                 tensors[prefix + "rounding_shape"] = torch.tensor(layer.rounding_up.shape, dtype=torch.int64)
             if layer.bias_correction is not None:
-                tensors[prefix + "bias_correction"] = layer.bias_correction.float().contiguous()
+                tensors[prefix + "bias_correction"] = layer.bias_correction.float().cpu().contiguous()
         return tensors
 
     @classmethod

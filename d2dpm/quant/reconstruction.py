@@ -32,7 +32,7 @@ from torch import nn
 from .fake import LayerQuantizer, Quantizer, replace_layers
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
-ADAROUND_ITERATIONS = 1000
+ADAROUND_ITERATIONS = 500
 ADAROUND_BATCH = 32  # calibration inputs (images, or rows of a Linear) per iteration
 ADAROUND_LR = 1e-2
 ADAROUND_REG_WEIGHT = 0.01  # λ, against the reconstruction error summed over output channels
