@@ -1,4 +1,4 @@
-"""Corrections wrap the quantized noise prediction; they never fork the sampler (DESIGN.md).
+"""Corrections wrap the quantized noise prediction; they never fork the sampler (docs/design.md: a correction wraps ε̂).
 
 A correction takes the quantized output ε̂ at one step and returns the noise estimate E' the
 DDIM step should use, and the σ it should apply (σ_t, or a reduced σ_t'). To use D²-DPM in
@@ -48,7 +48,7 @@ def absorb_variance(coeff: StepCoefficients, residual_std: torch.Tensor | float,
 
 
 class DualDenoising(Correction):
-    """D²-DPM (METHOD.md §3): remove the quantization noise's mean, then its variance.
+    """D²-DPM (docs/method.md §3): remove the quantization noise's mean, then its variance.
 
     mode "stochastic" (S-D²): E' = ε̂ − μ_cond(ε̂) − σ_cond·z', the step unchanged.
     mode "deterministic" (D-D²): E' = ε̂ − μ_cond(ε̂), σ_t' absorbs k_t²·σ_cond² into the step's noise.
@@ -83,7 +83,7 @@ class DualDenoising(Correction):
 
 
 class PTQDCorrection(Correction):
-    """PTQD (METHOD.md §4): E' = (ε̂ − b_{t,c})/(1 + k_t), σ_t' absorbs (σ_q/(1 + k_t))²."""
+    """PTQD (docs/method.md §4): E' = (ε̂ − b_{t,c})/(1 + s_t) with PTQD's slope s_t, σ_t' absorbs (σ_q/(1 + s_t))²."""
 
     def __init__(self, stats: NoiseStatistics):
         self.stats = stats
@@ -171,3 +171,18 @@ def method_for_switches(mean: bool, variance: bool, mode: str) -> str | None:
     if variance:
         return "s-var-only" if mode == "stochastic" else "var-only"
     return None
+
+
+@torch.no_grad()
+def sample_with_dual_denoising(eps_model, schedule, stats: NoiseStatistics, x: torch.Tensor, variance_noise: list[torch.Tensor],
+                               extra_noise: list[torch.Tensor], mode: str = "deterministic",
+                               granularity: str = "channel") -> torch.Tensor:
+    """D²-DPM sampling as the paper's Algorithm 1, for your own loop: `eps_model(x, t)` is the
+    quantized network (guided if you guide), `x` the initial noise x_T, and per step the DDIM
+    noise z and S-D²'s draw z'. Returns x_0. The sampler's D-D² / S-D² tracks do the same."""
+    correction = DualDenoising(stats, mode, granularity=granularity)
+    for coeff in schedule:  # from t = T down
+        eps_hat = eps_model(x, coeff.t)  # the quantized prediction ε̂ = ε + Δ
+        corrected = correction(eps_hat, coeff, extra_noise=extra_noise[coeff.index])  # E' and σ_t (S-D²) or σ_t' (D-D²)
+        x, _ = schedule.step(x, corrected.eps, coeff, corrected.sigma, variance_noise[coeff.index])
+    return x

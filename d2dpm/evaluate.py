@@ -34,14 +34,15 @@ import pandas as pd
 import torch
 
 from .errors import ConfigError
+from .quant.fake import BACKBONES, DEFAULT_BACKBONE
 
 DEFAULT_METHODS = "fp,q,ptqd,s-d2,d-d2,mean-only,var-only,oracle"
-DISTANCE_NAMES = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "toy")
-METRIC_COLUMNS = ("mse_to_fp", "psnr_to_fp", "swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "energy", "nll")
-LOWER_IS_BETTER = {"mse_to_fp": True, "psnr_to_fp": False, "swd": True, "fd_fashioncnn": True, "fd_effnetlite0": True,
-                   "fid_inception": True, "energy": True, "nll": True}
+DISTANCE_NAMES = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "class_accuracy", "toy")
+METRIC_COLUMNS = ("mse_to_fp", "psnr_to_fp", "class_accuracy", "swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "energy", "nll")
+LOWER_IS_BETTER = {"mse_to_fp": True, "psnr_to_fp": False, "class_accuracy": False, "swd": True, "fd_fashioncnn": True,
+                   "fd_effnetlite0": True, "fid_inception": True, "energy": True, "nll": True}
 COLUMN_TITLES = {
-    "mse_to_fp": "MSE→FP", "psnr_to_fp": "PSNR→FP dB", "swd": "SWD×10³", "fd_fashioncnn": "FD-FashionCNN",
+    "mse_to_fp": "MSE→FP", "psnr_to_fp": "PSNR→FP dB", "class_accuracy": "class acc.", "swd": "SWD×10³", "fd_fashioncnn": "FD-FashionCNN",
     "fd_effnetlite0": "FD-EffNetLite0", "fid_inception": "FID (Inception)", "energy": "energy dist.", "nll": "NLL nats",
 }
 
@@ -153,7 +154,7 @@ class DistanceSuite:
 
         self.kind, self.device, self.notes = kind, device, []
         self.reference = None
-        self.fashion = self.effnet = self.effnet_reference = self.fid = None
+        self.fashion = self.effnet = self.effnet_reference = self.fid = self.classes = None
         if kind != "image":
             self.toy = "toy" in wanted and model_spec == "toy2d"
             if "toy" in wanted and not self.toy:
@@ -171,6 +172,11 @@ class DistanceSuite:
                 self.reference = None
             if self.reference is None:
                 self.notes.append(f"no reference data known for model {model_spec!r}: SWD / FD-EffNetLite0 / FID skipped")
+        if "class_accuracy" in wanted and conditional:
+            try:
+                self.classes = D.ClassAccuracy(model_spec, device)
+            except D.OptionalDependencyMissing as missing:
+                self.notes.append(str(missing))
         if "fd_fashioncnn" in wanted and model_spec == "fashion":
             try:
                 self.fashion = D.FashionClassifierFD(device)
@@ -232,6 +238,8 @@ class DistanceSuite:
             return out
         if self.swd:
             out["swd"] = D.sliced_wasserstein(samples, self.matched_reference(labels, seed), seed=seed, device=self.device).mean
+        if self.classes is not None and labels is not None:
+            out["class_accuracy"] = self.classes(samples, labels)
         if self.fashion is not None:
             out["fd_fashioncnn"] = self.fashion(samples)
         if self.effnet is not None:
@@ -256,7 +264,8 @@ class EvaluateConfig:
     num_samples: int = 64
     steps: int = 20
     calib_samples: int | None = None
-    distances: tuple[str, ...] = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "toy")
+    distances: tuple[str, ...] = DISTANCE_NAMES
+    backbones: tuple[str, ...] = (DEFAULT_BACKBONE,)
     diagnostics: bool = False
     diagnostic_samples: int = 32
 
@@ -273,7 +282,8 @@ def _chunk_seeds(seed: int, num_samples: int, chunk_size: int) -> list[tuple[int
 
 
 def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: float, guidance, cfg: EvaluateConfig,
-                  seed: int, suite: DistanceSuite, progress=None, include_fp: bool = True) -> tuple[list[dict], object]:
+                  seed: int, suite: DistanceSuite, progress=None, include_fp: bool = True,
+                  backbone: str = DEFAULT_BACKBONE) -> tuple[list[dict], object]:
     """One configuration and seed: all methods on N shared-noise samples; one row per method."""
     from .experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig
     from .metrics import per_image_errors
@@ -285,7 +295,7 @@ def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: flo
     chunk_size = MAX_POINTS if load_model(model_spec).kind == "points" else MAX_IMAGES  # compare's own limit
     for chunk_seed, size in _chunk_seeds(seed, cfg.num_samples, chunk_size):
         config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=cfg.steps, eta=eta, guidance=guidance,
-                               methods=cfg.methods, seed=chunk_seed, num_images=size,
+                               methods=cfg.methods, seed=chunk_seed, num_images=size, backbone=backbone,
                                calib_samples=cfg.calib_samples or DEFAULT_CALIB_SAMPLES)
         result = workbench.compare(config, progress=progress)
         for name, tensor in result.samples.items():
@@ -304,6 +314,7 @@ def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: flo
         row = {
             "model": model_spec,
             "bits": "W32A32" if is_fp else f"W{w_bits}A{a_bits}",
+            "backbone": "—" if is_fp else backbone,
             "w_bits": 32 if is_fp else w_bits,
             "a_bits": 32 if is_fp else a_bits,
             "eta": float(eta),
@@ -327,7 +338,7 @@ def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: flo
 
 def aggregate(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds of every metric, with `<metric>_std` (sample std across seeds)."""
-    keys = ["model", "bits", "w_bits", "a_bits", "eta", "guidance", "steps", "method", "label"]
+    keys = ["model", "backbone", "bits", "w_bits", "a_bits", "eta", "guidance", "steps", "method", "label"]
     present = [c for c in METRIC_COLUMNS if c in per_seed.columns and per_seed[c].notna().any()]
     constant = ["size_mb", "gbops", "compression", "bop_ratio"]
     grouped = per_seed.groupby(keys, sort=False, dropna=False)
@@ -353,71 +364,67 @@ def _moments(values: torch.Tensor) -> tuple[float, float]:
 
 
 def noise_diagnostics(workbench, model_spec: str, w_bits: int, a_bits: int, eta: float, guidance, steps: int,
-                      calib_samples: int | None, num_samples: int = 32, seed: int = 987_654) -> pd.DataFrame:
+                      calib_samples: int | None, num_samples: int = 32, seed: int = 987_654,
+                      backbone: str = DEFAULT_BACKBONE) -> pd.DataFrame:
     """Per step, on FP-driven trajectories not used for calibration: the fitted ρ, σ_Δ, σ_cond; the
     share of σ_t² that D-D² takes for the residual (k_t²σ_cond²/σ_t²); skewness and excess kurtosis
     of Δ (standardised per channel and pooled, as the noise model pools it) and of the residual
     ε − E' left after the conditional-mean correction E' = ε̂ − μ_cond(ε̂); and the variances of ε,
     ε̂ and E'. Var(E') < Var(ε) means mean correction leaves a variance *deficit*, which D-D²'s
     absorption (removing more variance) makes worse, while S-D²'s added draw fills it."""
-    from .calibration import random_labels
+    from .calibration import fp_trajectories
     from .experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
     from .models import NoisePredictor
     from .noise_model import by_channel
     from .schedule import DDIMSchedule
 
     model = workbench.model(model_spec)
-    config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=steps, eta=eta, guidance=guidance,
+    config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=steps, eta=eta, guidance=guidance, backbone=backbone,
                            calib_samples=calib_samples or DEFAULT_CALIB_SAMPLES).validated(model)
     stats, _ = workbench.statistics(model, config.stats_config(model))
-    fp = NoisePredictor(model.network, model.num_classes)
     q = NoisePredictor(workbench.quantized_network(model, stats), model.num_classes)
     schedule = DDIMSchedule(model.scheduler_config, steps, eta)
-    generator = torch.Generator().manual_seed(seed)
-    labels = random_labels(model, num_samples, generator)
-    labels = labels.to(workbench.device) if labels is not None else None
-    x = torch.randn((num_samples, *model.sample_shape), generator=generator).to(workbench.device)
-    table = stats.table(schedule)
+    table = stats.table(schedule, config.granularity)
     rows = []
-    for coeff in schedule:
-        eps = fp(x, coeff.t, labels, config.guidance)
-        eps_hat = q(x, coeff.t, labels, config.guidance)
-        delta = (eps_hat - eps).float().cpu()
-        e_mean = (eps_hat - stats.conditional_mean(eps_hat, coeff.index, "channel")).float().cpu()
-        residual = eps.float().cpu() - e_mean
-        per_channel = by_channel(delta)
-        standardised = (per_channel - per_channel.mean(1, keepdim=True)) / per_channel.std(1, keepdim=True).clamp_min(1e-12)
-        skew, kurt = _moments(standardised)
-        res_c = by_channel(residual)
-        r_skew, r_kurt = _moments((res_c - res_c.mean(1, keepdim=True)) / res_c.std(1, keepdim=True).clamp_min(1e-12))
-        eps_c = eps.float().cpu()
-        corr_e_res = float(torch.corrcoef(torch.stack([e_mean.flatten(), residual.flatten()]))[0, 1])
-        fit = table.iloc[coeff.index]
-        sigma_cond = float(fit["sigma_cond"])
-        rows.append(
-            {
-                "model": model_spec, "bits": f"W{w_bits}A{a_bits}", "eta": float(eta), "step": coeff.index, "t": coeff.t,
-                "rho": float(fit["rho"]), "sigma_delta": float(fit["sigma_delta"]), "sigma_cond": sigma_cond,
-                "sigma_t": coeff.sigma, "k_t": coeff.k,
-                "absorbed_share_of_sigma_t2": (min(coeff.k**2 * sigma_cond**2 / coeff.sigma**2, 1.0) if coeff.sigma > 0 else 0.0),
-                "variance_absorbed": bool(fit["variance_absorbed"]),
-                "delta_skew": skew, "delta_excess_kurtosis": kurt,
-                "residual_skew": r_skew, "residual_excess_kurtosis": r_kurt,
-                "var_eps": float(eps_c.double().var()), "var_eps_hat": float(eps_hat.double().var()),
-                "var_e_mean_corrected": float(e_mean.double().var()), "var_residual": float(residual.double().var()),
-                "corr_e_residual": corr_e_res,
-                "rms_delta": float(delta.double().pow(2).mean().sqrt()),
-                "rms_residual": float(residual.double().pow(2).mean().sqrt()),
-            }
-        )
-        z = torch.randn(x.shape, generator=generator).to(workbench.device)
-        x, _ = schedule.step(x, eps, coeff, coeff.sigma, z)
+    for batch in fp_trajectories(model, schedule, num_samples, seed, config.guidance, workbench.device):
+        for coeff, x, eps in zip(schedule, batch.states, batch.eps):
+            eps_hat = q(x, coeff.t, batch.labels, config.guidance)
+            delta = (eps_hat - eps).float().cpu()
+            e_mean = (eps_hat - stats.conditional_mean(eps_hat, coeff.index, config.granularity)).float().cpu()
+            residual = eps.float().cpu() - e_mean
+            per_channel = by_channel(delta)
+            standardised = (per_channel - per_channel.mean(1, keepdim=True)) / per_channel.std(1, keepdim=True).clamp_min(1e-12)
+            skew, kurt = _moments(standardised)
+            res_c = by_channel(residual)
+            r_skew, r_kurt = _moments((res_c - res_c.mean(1, keepdim=True)) / res_c.std(1, keepdim=True).clamp_min(1e-12))
+            eps_c = eps.float().cpu()
+            corr_e_res = float(torch.corrcoef(torch.stack([e_mean.flatten(), residual.flatten()]))[0, 1])
+            fit = table.iloc[coeff.index]
+            sigma_cond = float(fit["sigma_cond"])
+            # The share of σ_t² that D-D² gave the residual: 1 − (σ_t'/σ_t)², from the σ_t' it applies.
+            sigma_prime = torch.as_tensor(coeff.absorbed_sigma(stats.sigma_cond(config.granularity)[coeff.index]))
+            rows.append(
+                {
+                    "model": model_spec, "backbone": backbone, "bits": f"W{w_bits}A{a_bits}", "eta": float(eta), "step": coeff.index,
+                    "t": coeff.t, "rho": float(fit["rho"]), "sigma_delta": float(fit["sigma_delta"]), "sigma_cond": sigma_cond,
+                    "sigma_t": coeff.sigma, "k_t": coeff.k,
+                    "absorbed_share_of_sigma_t2": float(1 - (sigma_prime / coeff.sigma).pow(2).mean()) if coeff.sigma > 0 else 0.0,
+                    "variance_absorbed": bool(fit["variance_absorbed"]),
+                    "delta_skew": skew, "delta_excess_kurtosis": kurt,
+                    "residual_skew": r_skew, "residual_excess_kurtosis": r_kurt,
+                    "var_eps": float(eps_c.double().var()), "var_eps_hat": float(eps_hat.double().var()),
+                    "var_e_mean_corrected": float(e_mean.double().var()), "var_residual": float(residual.double().var()),
+                    "corr_e_residual": corr_e_res,
+                    "rms_delta": float(delta.double().pow(2).mean().sqrt()),
+                    "rms_residual": float(residual.double().pow(2).mean().sqrt()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def summarise_diagnostics(diag: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: means over steps of the per-step diagnostics."""
-    keys = ["model", "bits", "eta"]
+    keys = ["model", "backbone", "bits", "eta"]
     g = diag.groupby(keys, sort=False)
     out = g.agg(
         rho_mean=("rho", "mean"), rho_min=("rho", "min"), rho_max=("rho", "max"),
@@ -483,7 +490,8 @@ def results_markdown(table: pd.DataFrame, header: str = "") -> str:
         block = block.copy()
         block["Method"] = block["label"]
         block["W/A"] = block["bits"]
-        columns = ["W/A", "Method", "size_mb", "gbops", "compression", "bop_ratio", *metrics]
+        block["Backbone"] = block["backbone"]
+        columns = ["W/A", "Backbone", "Method", "size_mb", "gbops", "compression", "bop_ratio", *metrics]
         titles = {"size_mb": "size MB", "gbops": "GBOPs", "compression": "compr.", "bop_ratio": "BOP ratio", **COLUMN_TITLES}
         for c in ("size_mb", "gbops", "compression", "bop_ratio"):
             block[c] = block[c].astype(float)
@@ -513,6 +521,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which distances to try (those that do not apply or lack weights are skipped with a note)")
     parser.add_argument("--reference", default=None, help="an .npz of reference images ('images', optional 'labels') for a model "
                         "with no known training data (default: Emoji-32 for emoji, the shipped Fashion-MNIST subset for fashion)")
+    parser.add_argument("--backbones", default=DEFAULT_BACKBONE, help=f"comma-separated PTQ backbones: {', '.join(BACKBONES)} "
+                        f"(default {DEFAULT_BACKBONE})")
     parser.add_argument("--diagnostics", action="store_true", help="also check the noise model per step on fresh trajectories")
     parser.add_argument("--diagnostic-samples", type=int, default=32, help="trajectories for --diagnostics (default 32)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -534,6 +544,10 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         raise ConfigError("num_samples", args.num_samples, "an integer ≥ 2")
     guidances = [None] if args.guidance is None else _floats("guidance", args.guidance)
     etas = _floats("eta", args.eta)
+    backbones = tuple(b.strip() for b in args.backbones.split(",") if b.strip())
+    for backbone in backbones or ("",):
+        if backbone not in BACKBONES:
+            raise ConfigError("backbones", backbone, ", ".join(BACKBONES))
     for eta in etas:
         if not 0.0 <= eta <= 1.0:
             raise ConfigError("eta", eta, "numbers from 0 to 1")
@@ -541,7 +555,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         models=models, bits=parse_bits(args.bits), etas=etas, guidances=guidances,
         methods=parse_methods(args.methods), seeds=_ints("seeds", args.seeds), num_samples=args.num_samples,
         steps=args.steps, calib_samples=args.calib_samples, distances=distances, diagnostics=args.diagnostics,
-        diagnostic_samples=args.diagnostic_samples,
+        diagnostic_samples=args.diagnostic_samples, backbones=backbones,
     )
 
 
@@ -557,13 +571,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    cells = [(m, w, a, e, g, s) for m in cfg.models for e in cfg.etas for g in cfg.guidances for (w, a) in cfg.bits for s in cfg.seeds]
+    cells = [(m, w, a, e, g, s, b) for m in cfg.models for e in cfg.etas for g in cfg.guidances for b in cfg.backbones
+             for (w, a) in cfg.bits for s in cfg.seeds]
     rows, diagnostics, notes = [], [], {}
     fp_done: set = set()
     suites: dict[str, DistanceSuite] = {}
     bar = tqdm(cells, desc="evaluate", unit="cell", file=sys.stderr, dynamic_ncols=True)
-    for model_spec, w, a, eta, guidance, seed in bar:
-        bar.set_postfix_str(f"{model_spec} W{w}A{a} η={eta:g} seed {seed}")
+    for model_spec, w, a, eta, guidance, seed, backbone in bar:
+        bar.set_postfix_str(f"{model_spec} {backbone} W{w}A{a} η={eta:g} seed {seed}")
         if model_spec not in suites:
             model = workbench.model(model_spec)
             dataset = (model.meta or {}).get("name", model_spec)  # a `d2dpm train` folder names its data
@@ -574,11 +589,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         fp_key = (model_spec, eta, guidance, seed)
         cell_rows, result = evaluate_cell(workbench, model_spec, w, a, eta, guidance_value, cfg, seed, suites[model_spec],
                                           progress=lambda f, m: bar.set_postfix_str(f"{model_spec} W{w}A{a} η={eta:g}: calibrating {f:.0%}"),
-                                          include_fp=fp_key not in fp_done)
+                                          include_fp=fp_key not in fp_done, backbone=backbone)
         fp_done.add(fp_key)
         rows.extend(cell_rows)
         if cfg.diagnostics and seed == cfg.seeds[0]:
-            diagnostics.append(noise_diagnostics(workbench, model_spec, w, a, eta, result.config.guidance, cfg.steps, cfg.calib_samples, cfg.diagnostic_samples))
+            diagnostics.append(noise_diagnostics(workbench, model_spec, w, a, eta, result.config.guidance, cfg.steps, cfg.calib_samples,
+                                                 cfg.diagnostic_samples, backbone=backbone))
         pd.DataFrame(rows).to_csv(out / "per_seed.csv", index=False)  # partial results survive an interruption
     bar.close()
     per_seed = pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""The time-step-wise quantization noise model (METHOD.md §2) and PTQD's statistics (§4).
+"""The time-step-wise quantization noise model (docs/method.md §2) and PTQD's statistics (§4).
 
 At every sampling step the quantized output X = ε̂ and the noise Y = Δ = ε̂ − ε are modelled as
 a joint Gaussian, tensor-wise (one bivariate Gaussian per step) and channel-wise (one per step
@@ -108,7 +108,7 @@ class NoiseStatistics:
     pair_sample: torch.Tensor  # [S, 2, K] a random subset of (ε̂, Δ) pairs per step, for figures
     quantizer: Quantizer  # the quantized network these statistics belong to
 
-    # -- the conditional model (METHOD.md §2)
+    # -- the conditional model (docs/method.md §2)
 
     def _fit(self, granularity: str) -> dict[str, torch.Tensor]:
         if granularity not in GRANULARITIES:

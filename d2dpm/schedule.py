@@ -1,4 +1,4 @@
-"""The DDIM schedule and step (METHOD.md §3), with the paper's symbols.
+"""The DDIM schedule and step (docs/method.md §3), with the paper's symbols.
 
 Timesteps and ᾱ come from diffusers' own `DDIMScheduler` built from the model's scheduler
 config, so the schedule is the reference one; the step is written out here because the
@@ -64,11 +64,12 @@ class DDIMSchedule:
             raise ConfigError(
                 "model", f"prediction_type={scheduler.config.prediction_type}", "an ε-prediction model (prediction_type='epsilon')"
             )
+        if scheduler.config.thresholding:  # dynamic thresholding of x_0 is not part of the step written below
+            raise ConfigError("model", "a scheduler config with thresholding=True",
+                              "a scheduler without dynamic thresholding (thresholding=False; clip_sample is supported)")
         scheduler.set_timesteps(self.num_steps)
         self.train_steps = train_steps
-        self.clip_sample_range = (
-            float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample and not scheduler.config.thresholding else None
-        )
+        self.clip_sample_range = float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None
         alphas_cumprod = scheduler.alphas_cumprod.double()
         final_alpha_bar = float(scheduler.final_alpha_cumprod)
         stride = train_steps // self.num_steps  # diffusers' DDIM always steps back by T // S

@@ -1,4 +1,4 @@
-"""The Method page of both UIs: short teaching text with the equations of METHOD.md in LaTeX.
+"""The Method page of both UIs: short teaching text with the equations of docs/method.md in LaTeX.
 
 Markdown with `$…$` (inline) and `$$…$$` (display) math, which Gradio's Markdown and
 Streamlit's st.markdown both render with KaTeX. Plain strings only: no UI library here.

@@ -32,6 +32,9 @@ TOY_SETTINGS = [(4, 8, 0.0), (4, 8, 1.0)]
 
 
 def jobs(models: list[str], backbones: list[str]) -> list[tuple[str, int, int, float, str]]:
+    """Every configuration, cheapest backbone first: with --shard i/N, each process then does its
+    quick round-to-nearest and bias-correction files before its AdaRound ones."""
+    backbones = sorted(backbones, key=lambda name: name == "adaround")
     return [(name, w, a, eta, backbone) for backbone in backbones for name in models
             if (ASSETS_DIR / "models" / name).is_dir()
             for w, a, eta in (TOY_SETTINGS if name == "toy2d" else IMAGE_SETTINGS)]

@@ -49,7 +49,7 @@ def test_d2_deterministic_equals_mean_only_at_eta_zero(conditional_model_dir):
 
     workbench = Workbench()
     config = CompareConfig(model=str(conditional_model_dir), w_bits=4, a_bits=6, steps=6, eta=0.0, methods=("q", "d-d2", "mean-only"),
-                           num_images=3, calib_samples=8)
+                           num_images=3, calib_samples=8, backbone="rtn")
     result = workbench.compare(config)
     assert torch.equal(result.samples["d-d2"], result.samples["mean-only"])
     assert not torch.equal(result.samples["d-d2"], result.samples["q"])  # the mean correction did act
@@ -133,7 +133,7 @@ def test_quantized_network_calibration_reduces_error_with_d2(tmp_path):
     step's noise estimate toward the FP one on the calibration trajectories' own states."""
     unet = tiny_unet()
     model = DiffusionModel("tiny", unet, dict(SCHEDULER_CONFIG), "image", (3, 8, 8), identity="tiny@0")
-    config = StatsConfig("tiny@0", 4, 6, 5, 0.0, 1.0, 16, 0)
+    config = StatsConfig("tiny@0", 4, 6, 5, 0.0, 1.0, 16, 0, backbone="rtn")
     calibrated = calibrate(model, config)
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     step = DDIMSchedule(SCHEDULER_CONFIG, 5, 0.0).steps[0]
@@ -158,3 +158,42 @@ def test_mean_corrected_output_has_a_variance_deficit_of_sigma_cond_squared():
     sigma_cond = stats.sigma_cond("channel")[coeff.index].float()
     assert torch.allclose(deficit, sigma_cond**2, rtol=0.15, atol=2e-3), (deficit, sigma_cond**2)
     assert (deficit > 0).all()  # less variance than FP, never more: nothing for D-D² to absorb
+
+
+@pytest.mark.parametrize("eta, mode", [(1.0, "deterministic"), (0.0, "stochastic"), (0.6, "stochastic")])
+def test_algorithm_1_equals_the_samplers_d2_track(eta, mode):
+    from d2dpm.corrections import sample_with_dual_denoising
+
+    quantized = NoisyCopy(GaussianDataEps(), bias=[0.1, -0.05, 0.0], std=[0.2, 0.05, 0.1], slope=0.2)
+    schedule, stats = calibrate_synthetic(quantized, steps=6, eta=eta)
+    noise = SamplerNoise.draw(4, (3, 8, 8), 6, 5)
+    method = "d-d2" if mode == "deterministic" else "s-d2"
+    predictors = {"fp": NoisePredictor(quantized.fp, None), "q": NoisePredictor(quantized, None)}
+    track = list(sample(schedule, predictors, [Track(method, "q", make_correction(method, stats))], noise))[-1][method].x_prev
+    loop = sample_with_dual_denoising(lambda x, t: predictors["q"](x, t), schedule, stats, noise.initial, noise.variance, noise.extra, mode)
+    assert torch.equal(loop, track)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_the_deviation_view_draws_the_sigma_prime_the_d_d2_track_applied(granularity):
+    from d2dpm.figures import deviation_figure, sigma_prime_columns
+
+    quantized = NoisyCopy(GaussianDataEps(), bias=[0.02, -0.05, 0.0], std=[0.3, 0.02, 0.1], slope=0.2)
+    schedule, stats = calibrate_synthetic(quantized, steps=8, eta=1.0)
+    noise = SamplerNoise.draw(2, (3, 8, 8), 8, 0)
+    predictors = {"fp": NoisePredictor(quantized.fp, None), "q": NoisePredictor(quantized, None)}
+    track = [Track("d-d2", "q", make_correction("d-d2", stats, granularity))]
+    applied = [torch.as_tensor(records["d-d2"].sigma).flatten().double() for records in sample(schedule, predictors, track, noise)]
+    figure = deviation_figure(stats.table(schedule, granularity))
+    columns = sigma_prime_columns(stats.table(schedule, granularity))
+    assert len(columns) == (3 if granularity == "channel" else 1)
+    drawn = {trace.name: trace.y for trace in figure.data}
+    for channel, (_, name, _) in enumerate(columns):
+        plotted = torch.tensor(list(drawn[name]), dtype=torch.float64)
+        expected = torch.stack([sigma.expand(len(columns))[channel] for sigma in applied])
+        assert torch.allclose(plotted, expected, rtol=1e-6, atol=1e-9)
+    # Channels differ here (σ_Δ of 0.3 vs 0.02): some step takes the variance in one channel and not another.
+    if granularity == "channel":
+        table = stats.table(schedule, granularity)
+        per_channel = table[[c for c, _, _ in columns]].to_numpy()
+        assert (per_channel.max(1) > per_channel.min(1)).any()

@@ -12,7 +12,7 @@ import torch
 
 from d2dpm.evaluate import _fmt, class_balancing_weights, main, parse_bits, weighted_feature_stats
 
-FAST = ["--steps", "3", "--calib-samples", "4", "--num-samples", "4"]
+FAST = ["--steps", "3", "--calib-samples", "4", "--num-samples", "4", "--backbones", "rtn"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_grid_writes_one_row_per_cell_and_method(conditional_model_dir, referenc
     assert (table.loc[table.method == "oracle", "mse_to_fp"] < 1e-10).all()
     assert (table.loc[table.bits == "W4A6", "compression"] > table.loc[table.bits == "W8A8", "compression"].max()).all()
     markdown = (out / "results.md").read_text()
-    assert markdown.count("| W32A32 | FP |") == 2 and "SWD×10³" in markdown and " ± " in markdown
+    assert markdown.count("| W32A32 | — | FP |") == 2 and "| W8A8 | rtn | Quantized |" in markdown and "SWD×10³" in markdown and " ± " in markdown
     assert "η = 0" in markdown and "η = 1" in markdown
     diagnostics = pd.read_csv(out / "diagnostics.csv")
     assert len(diagnostics) == 2 * 2 * 3  # bits × η × steps

@@ -6,7 +6,7 @@ import torch
 
 from d2dpm.experiment import CompareConfig, CompareProgress, ComparisonResult, Workbench
 
-FAST = dict(steps=5, num_images=2, calib_samples=8, methods=("q", "d-d2"))
+FAST = dict(steps=5, num_images=2, calib_samples=8, methods=("q", "d-d2"), backbone="rtn")
 
 
 def test_statistics_are_cached_on_disk_and_a_corrupted_entry_is_recalibrated(conditional_model_dir, tmp_path):

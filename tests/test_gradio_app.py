@@ -50,7 +50,7 @@ def test_compare_returns_what_the_cli_writes(client, conditional_model_dir, tmp_
     subprocess.run(
         [sys.executable, "-m", "d2dpm", "compare", "--model", str(conditional_model_dir), "--w-bits", "4", "--a-bits", "8",
          "--steps", str(SMALL["steps"]), "--eta", "0", "--guidance", "3", "--seed", "0", "--num-images", str(SMALL["num_images"]),
-         "--calib-samples", str(SMALL["calib_samples"]), "--methods", "fp,q,ptqd,s-d2,d-d2", "--out", str(cli_out)],
+         "--calib-samples", str(SMALL["calib_samples"]), "--methods", "fp,q,ptqd,s-d2,d-d2", "--backbone", "rtn", "--out", str(cli_out)],
         check=True, cwd=ROOT, env=env, capture_output=True, timeout=300,
     )
     job = client.submit(*compare_args(conditional_model_dir), api_name="/compare")

@@ -82,3 +82,11 @@ def test_guidance_combines_conditional_and_unconditional_outputs():
     assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
     assert torch.allclose(predictor(x, 500, labels, guidance=1.0), cond, atol=1e-6)
     assert torch.allclose(predictor(x, 500, labels, guidance=0.0), uncond, atol=1e-6)
+
+
+def test_a_scheduler_with_thresholding_is_refused():
+    from d2dpm.errors import ConfigError
+    from d2dpm.schedule import DDIMSchedule
+
+    with pytest.raises(ConfigError, match="thresholding"):
+        DDIMSchedule({**SCHEDULER_CONFIG, "thresholding": True}, 10, 0.0)

@@ -70,3 +70,18 @@ def test_default_settings_rebuild_the_shipped_architecture(dataset):
 
 def _plain(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def test_weight_average_warms_up_so_the_initial_weights_fade_at_once():
+    from d2dpm.train import WeightAverage
+
+    network = torch.nn.Linear(2, 2)
+    average = WeightAverage(network, decay=0.9995)
+    start = network.weight.detach().clone()
+    with torch.no_grad():
+        network.weight.add_(1.0)
+    average.update()  # first update: decay min(0.9995, 1/10) keeps only 10 % of the old weights
+    assert torch.allclose(average.module.weight, start + 0.9)
+    for _ in range(2000):
+        average.update()
+    assert torch.allclose(average.module.weight, network.weight, atol=1e-6)  # not 0.9995^2000 = 37 % of the start
