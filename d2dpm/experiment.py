@@ -338,10 +338,6 @@ def default_workbench() -> Workbench:
         return _default_workbench
 
 
-def compare(config: CompareConfig, progress: ProgressCallback | None = None) -> ComparisonResult:
-    return default_workbench().compare(config, progress)
-
-
 def compute_statistics(config: CompareConfig, progress: ProgressCallback | None = None) -> tuple[DiffusionModel, NoiseStatistics]:
     """Calibrate (never from a cache) the statistics of `config`: what `d2dpm stats` writes."""
     workbench = default_workbench()
