@@ -26,7 +26,8 @@ def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir,
     for figures in report["sampler_step"]["corrections"].values():
         assert figures["overhead_ratio"] > 0 and figures["correction_only_s"] > 0
     assert report["compare"]["methods"] == list(bench.COMPARE_METHODS) and report["compare"]["images"] == 8
-    assert report["calibration"]["median_s"] > 0 and report["calibration"]["calib_samples"] == 4
+    assert set(report["calibration"]) == {"rtn", "bias-correction", "adaround"}
+    assert all(c["median_s"] > 0 and c["calib_samples"] == 4 for c in report["calibration"].values())
     assert report["app_cold_start"]["seconds"] is None and "skipped" in report["app_cold_start"]["note"]
     assert report["peak_rss_mb"] > 0
     # The record says how to reproduce the figures: the subcommand once, no output paths.
