@@ -26,10 +26,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration trajectories (default 0)")
     parser.add_argument("--range", dest="range_method", choices=("mse", "minmax"), default="mse", help="clipping range search (default mse)")
     parser.add_argument("--all-layers-low-bit", action="store_true", help="quantize the first and last layer at the low bit-width too")
-    parser.add_argument("--backbone", choices=("adaround", "bias-correction", "rtn"), default="adaround",
+    parser.add_argument("--backbone", choices=("adaround", "bias-correction", "rtn"), default="bias-correction",
                         help="how the quantized network is made: adaround (learned rounding, split skip inputs, bias correction; "
                              "the paper's kind of backbone), bias-correction (round to nearest + per-layer bias correction), "
-                             "rtn (round to nearest) (default adaround; slow on a CPU without shipped statistics)")
+                             "rtn (round to nearest) (default bias-correction; adaround is slow on a CPU without shipped statistics)")
 
 
 def _config(args: argparse.Namespace, **extra):
