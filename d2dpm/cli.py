@@ -151,10 +151,10 @@ def _probe_writable(folder: Path, what: str) -> None:
 
 def check_output_folder(out: str) -> Path:
     """`--out` of compare: a folder that exists or can be created, and that we can write into."""
+    if not out.strip() or "\x00" in out:
+        raise ConfigError("out", out[:200], "a folder path (not empty, no NUL character)")
     try:
         folder = Path(out)
-        if not out.strip():
-            raise ValueError("empty")
         existing = _nearest_existing(folder.absolute())
         if existing == folder.absolute() and not existing.is_dir():
             raise ConfigError("out", out, "a folder (this path is an existing file)")
@@ -173,6 +173,8 @@ def check_output_folder(out: str) -> Path:
 
 def check_output_file(out: str, suffix: str) -> Path:
     """`--out` of stats: a file path ending in `suffix` whose folder exists or can be created."""
+    if "\x00" in out:
+        raise ConfigError("out", out[:200], f"a file name ending in {suffix} (no NUL character)")
     path = Path(out)
     if path.suffix != suffix or not path.stem:
         raise ConfigError("out", out[:200], f"a file name ending in {suffix}")

@@ -313,8 +313,11 @@ def _normalized(spec: str) -> str:
 
 
 def extra_models() -> list[str]:
-    """The models the operator allows in the apps besides the embedded ones (environment D2DPM_EXTRA_MODELS)."""
-    return [part.strip() for part in os.environ.get(EXTRA_MODELS_ENV, "").split(",") if part.strip()]
+    """The models the operator allows in the apps besides the embedded ones: those listed in
+    D2DPM_EXTRA_MODELS, and the apps' default model D2DPM_APP_MODEL (an operator's choice too)."""
+    listed = [part.strip() for part in os.environ.get(EXTRA_MODELS_ENV, "").split(",")]
+    default = os.environ.get("D2DPM_APP_MODEL", "").strip()
+    return list(dict.fromkeys(spec for spec in [*listed, default] if spec and spec not in EMBEDDED_MODELS))
 
 
 def check_public(spec) -> str:
