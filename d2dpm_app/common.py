@@ -103,6 +103,7 @@ class ModelSummary:
     class_names: list[str] = field(default_factory=list)
     shape: tuple = ()
     message: str = ""
+    allowed: str = ""  # when not ok: what is allowed instead, for the one-line refusal of a run
 
     def class_choices(self) -> list[str]:
         return [ALL_CLASSES] + [f"{i}: {name}" for i, name in enumerate(self.class_names)]
@@ -121,10 +122,11 @@ def describe_model(spec: str) -> ModelSummary:
                        "Train it with `d2dpm train` (see the README), or choose another model.")
         else:  # the allow-list's refusal, or why an allowed model cannot load (named by the spec, not a path)
             message = f"Model not available: {shown!r}. Allowed: {error.allowed}."
-        return ModelSummary(spec, False, message=message)
+        return ModelSummary(spec, False, message=message, allowed=str(error.allowed))
     except Exception:  # keep serving; the operator's log has the details
         log.exception("loading model %r failed", spec)
-        return ModelSummary(spec, False, message=f"Model not available: {shown!r}. It could not be loaded on this server.")
+        return ModelSummary(spec, False, message=f"Model not available: {shown!r}. It could not be loaded on this server.",
+                            allowed="a model that loads on this server")
     names = list(model.class_names) if model.class_names else [f"class {i}" for i in range(model.num_classes or 0)]
     what = "2-D points" if model.kind == "points" else "×".join(map(str, model.sample_shape)) + " images"
     cond = f", class-conditional ({model.num_classes} classes)" if model.conditional else ", unconditional"
@@ -209,7 +211,7 @@ def plan_run(model: str, w_bits, a_bits, steps, eta, guidance, class_choice, see
     and the whole work (calibration included when no statistics are ready) against the budget. Raises ConfigError."""
     summary = describe_model(model)
     if not summary.ok:
-        raise ConfigError("model", summary.spec, summary.message)
+        raise ConfigError("model", summary.spec, summary.allowed)
     steps = check_int_range("steps", steps, 1, MAX_UI_STEPS)
     num_images = check_int_range("num_images", num_images, 1, SAMPLE_COUNTS[summary.kind].maximum)
     calib_samples = check_int_range("calib_samples", calib_samples, 2, MAX_CALIB_SAMPLES)

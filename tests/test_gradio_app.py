@@ -97,7 +97,7 @@ def test_bad_input_gives_a_clear_message_and_the_server_keeps_serving(client, se
     for endpoint in ("/validate", "/compare"):
         with pytest.raises(gradio_client.exceptions.AppError, match="image-steps"):
             client.predict(*too_much, api_name=endpoint)
-    with pytest.raises(gradio_client.exceptions.AppError, match="Model not available"):
+    with pytest.raises(gradio_client.exceptions.AppError, match="D2DPM_EXTRA_MODELS"):  # not on the operator's list
         client.predict(*compare_args(server[2] / "no_such_model"), api_name="/compare")
     with pytest.raises(gradio_client.exceptions.AppError, match="Run a comparison first"):
         client.predict(1, api_name="/trajectory_step")
