@@ -40,3 +40,11 @@ def check_float_range(argument: str, value, low: float, high: float) -> float:
     if not (low <= as_float <= high):  # also rejects NaN
         raise ConfigError(argument, value, allowed)
     return as_float
+
+
+class Busy(RuntimeError):
+    """The server cannot take this run now (every slot of its kind is taken); the message says what to do."""
+
+
+class Cancelled(RuntimeError):
+    """A run was stopped by its visitor (raised from a progress callback between steps)."""

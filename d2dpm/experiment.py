@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import os
 import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,7 +23,7 @@ from torch import nn
 
 from .calibration import ProgressCallback, calibrate
 from .corrections import METHODS, make_correction
-from .errors import ConfigError, check_float_range, check_int_range
+from .errors import Cancelled, ConfigError, check_float_range, check_int_range
 from .metrics import per_image_errors, trajectory_table
 from .models import ASSETS_DIR, DiffusionModel, NoisePredictor, load_model
 from .noise_model import GRANULARITIES, NoiseStatistics, StatsConfig
@@ -36,6 +38,10 @@ DEFAULT_CALIB_SAMPLES = 128
 MAX_IMAGES = 64
 MAX_POINTS = 4096  # a toy2d "image" is one 2-D point: a cloud of thousands costs less than one 32×32 image
 MAX_GUIDANCE = 20.0
+MAX_CALIB_SEED = 2**32 - 1  # calibration derives per-batch seeds as seed · 1 000 003 + batch: stay within 64 bits
+# In-memory caches of a Workbench, least recently used dropped first (a quantized network is a copy of the model).
+MAX_CACHED_STATS = int(os.environ.get("D2DPM_MAX_CACHED_STATS", "32"))
+MAX_CACHED_NETWORKS = int(os.environ.get("D2DPM_MAX_CACHED_NETWORKS", "4"))
 SHIPPED_STATS_DIR = ASSETS_DIR / "stats"
 
 
@@ -51,6 +57,80 @@ def parse_methods(methods) -> tuple[str, ...]:
         if name not in METHODS:
             raise ConfigError("methods", name, ", ".join(METHODS))
     return tuple(dict.fromkeys(["fp", *names]))
+
+
+def _checked_methods(methods) -> tuple[str, ...]:
+    """parse_methods, refusing an empty list: a comparison needs at least one method beside FP's reference."""
+    names = methods.split(",") if isinstance(methods, str) else [str(m) for m in methods]
+    if not any(name.strip() for name in names):
+        raise ConfigError("methods", methods if isinstance(methods, str) else ",".join(names),
+                          "one or more of " + ", ".join(METHODS) + " (comma-separated)")
+    return parse_methods(methods)
+
+
+class LRU:
+    """A thread-safe mapping that keeps the `size` most recently used entries."""
+
+    def __init__(self, size: int):
+        self.size, self._lock, self._items = max(1, int(size)), threading.Lock(), OrderedDict()
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __setitem__(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class KeyedLocks:
+    """One lock per key while anyone holds or waits for it; forgotten after (so the table stays small)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._locks: dict[str, list] = {}  # key → [lock, users]
+
+    @contextmanager
+    def __call__(self, key: str):
+        with self._lock:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._locks)
+
+
+def load_statistics(path, expected: StatsConfig | None = None) -> NoiseStatistics:
+    """NoiseStatistics.load, with any failure of a damaged file as the ConfigError it is."""
+    try:
+        return NoiseStatistics.load(path, expected=expected)
+    except ConfigError:
+        raise
+    except Exception as error:  # a file with the right metadata but damaged tensors
+        raise ConfigError("stats", str(path), f"a complete statistics file written by `d2dpm stats` ({type(error).__name__} reading it)") from None
 
 
 @dataclass(frozen=True)
@@ -100,10 +180,11 @@ class CompareConfig:
             eta=check_float_range("eta", self.eta, 0.0, 1.0),
             guidance=guidance,
             class_label=class_label,
-            methods=parse_methods(self.methods),
+            methods=_checked_methods(self.methods),
             seed=check_int_range("seed", self.seed, 0, 2**63 - 1),
             num_images=check_int_range("num_images", self.num_images, 1, MAX_POINTS if model.kind == "points" else MAX_IMAGES),
             calib_samples=check_int_range("calib_samples", self.calib_samples, 2, 4096),
+            calib_seed=check_int_range("calib_seed", self.calib_seed, 0, MAX_CALIB_SEED),
         )
 
     def stats_config(self, model: DiffusionModel) -> StatsConfig:
@@ -165,38 +246,46 @@ class Workbench:
     def __init__(self, cache_dir: Path | None = None, device: str | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
-        self._stats: dict[str, tuple[NoiseStatistics, str]] = {}
-        self._quantized: dict[str, nn.Module] = {}
-        self._macs: dict[str, dict[str, int]] = {}
+        self._lock_for = KeyedLocks()
+        self._stats = LRU(MAX_CACHED_STATS)  # key → (statistics, source)
+        self._quantized = LRU(MAX_CACHED_NETWORKS)  # key → quantized network
+        self._macs = LRU(MAX_CACHED_NETWORKS)  # model identity → MACs per layer
 
-    def _lock_for(self, key: str) -> threading.Lock:
-        with self._lock:
-            return self._key_locks.setdefault(key, threading.Lock())
-
-    def model(self, spec: str) -> DiffusionModel:
-        model = load_model(spec)
+    def model(self, spec: str, public: bool = False) -> DiffusionModel:
+        model = load_model(spec, public=public)
         model.network.to(self.device)
         return model
 
     # -- statistics: explicit file → shipped → disk cache → calibrate (and cache)
 
-    def statistics(self, model: DiffusionModel, config: StatsConfig, stats_path: str | None = None,
-                   progress: ProgressCallback | None = None) -> tuple[NoiseStatistics, str]:
+    def find_statistics(self, config: StatsConfig, stats_path: str | None = None) -> tuple[NoiseStatistics, str] | None:
+        """The statistics of `config` if they exist without calibrating (explicit file, memory, shipped, disk cache), else None."""
         if stats_path is not None:
-            return NoiseStatistics.load(stats_path, expected=config), str(stats_path)
+            return load_statistics(stats_path, expected=config), str(stats_path)
+        key = config.key()
+        found = self._stats.get(key)
+        if found is None:
+            found = self._shipped(config) or self._cached(config)
+            if found is not None:
+                self._stats[key] = found
+        return found
+
+    def statistics(self, model: DiffusionModel, config: StatsConfig, stats_path: str | None = None,
+                   progress: ProgressCallback | None = None, allow_calibration: bool = True) -> tuple[NoiseStatistics, str]:
+        if stats_path is not None:
+            return self.find_statistics(config, stats_path)
         key = config.key()
         with self._lock_for("stats:" + key):
-            if key in self._stats:
-                return self._stats[key]
-            found = self._shipped(config) or self._cached(config)
+            found = self.find_statistics(config)
             if found is None:
+                if not allow_calibration:
+                    raise ConfigError("calib_samples", config.calib_samples, "a configuration whose statistics are ready "
+                                      "(they were dropped from the cache since this run was planned: run it again)")
                 calibrated = calibrate(model, config, self.device, progress)
                 found = (calibrated.stats, "calibrated")
                 self._store_in_cache(calibrated.stats)
                 self._quantized[key] = calibrated.quantized_network
-            self._stats[key] = found
+                self._stats[key] = found
             return found
 
     def add_statistics(self, stats: NoiseStatistics) -> None:
@@ -207,7 +296,7 @@ class Workbench:
     def _shipped(self, config: StatsConfig) -> tuple[NoiseStatistics, str] | None:
         path = SHIPPED_STATS_DIR / f"{config.key()}.safetensors"
         if path.is_file():
-            return NoiseStatistics.load(path, expected=config), "shipped"
+            return load_statistics(path, expected=config), "shipped"
         return None
 
     def _cache_path(self, config: StatsConfig) -> Path:
@@ -218,7 +307,7 @@ class Workbench:
         if not path.is_file():
             return None
         try:
-            return NoiseStatistics.load(path, expected=config), "cache"
+            return load_statistics(path, expected=config), "cache"
         except ConfigError as error:  # corrupted or stale: recalibrate rather than fail
             log.warning("ignoring cache entry %s (%s); recalibrating", path, error)
             return None
@@ -238,26 +327,35 @@ class Workbench:
     def quantized_network(self, model: DiffusionModel, stats: NoiseStatistics) -> nn.Module:
         key = stats.config.key()
         with self._lock_for("q:" + key):
-            if key not in self._quantized:
-                self._quantized[key] = quantize_network(model.network, stats.quantizer).to(self.device)
-            return self._quantized[key]
+            network = self._quantized.get(key)
+            if network is None:
+                network = quantize_network(model.network, stats.quantizer).to(self.device)
+                self._quantized[key] = network
+            return network
 
     def efficiency(self, model: DiffusionModel, stats: NoiseStatistics) -> Efficiency:
         with self._lock_for("macs:" + model.identity):
-            if model.identity not in self._macs:
+            macs = self._macs.get(model.identity)
+            if macs is None:
                 x = torch.zeros((1, *model.sample_shape), device=self.device)
                 labels = torch.zeros(1, dtype=torch.long, device=self.device) if model.conditional else None
                 predictor = NoisePredictor(model.network, model.num_classes)
-                self._macs[model.identity] = count_macs(model.network, lambda: predictor(x, 0, labels, 1.0))
-        return efficiency(model.network, self._macs[model.identity], stats.quantizer.bits, batch=1)
+                macs = count_macs(model.network, lambda: predictor(x, 0, labels, 1.0))
+                self._macs[model.identity] = macs
+        return efficiency(model.network, macs, stats.quantizer.bits, batch=1)
 
     # -- the comparison
 
-    def iter_compare(self, config: CompareConfig, progress: ProgressCallback | None = None) -> Iterator[CompareProgress | ComparisonResult]:
-        """Yield a `CompareProgress` after every step, then the `ComparisonResult`."""
-        model = self.model(config.model)
+    def iter_compare(self, config: CompareConfig, progress: ProgressCallback | None = None, allow_calibration: bool = True,
+                     should_stop: Callable[[], bool] | None = None, public: bool = False) -> Iterator[CompareProgress | ComparisonResult]:
+        """Yield a `CompareProgress` after every step, then the `ComparisonResult`.
+
+        `allow_calibration=False` refuses (ConfigError) rather than calibrate; `should_stop` is asked
+        between sampling steps and raises `Cancelled` when it answers True (a progress callback may
+        raise `Cancelled` itself to stop a calibration between its steps)."""
+        model = self.model(config.model, public=public)
         config = config.validated(model)
-        stats, source = self.statistics(model, config.stats_config(model), config.stats_path, progress)
+        stats, source = self.statistics(model, config.stats_config(model), config.stats_path, progress, allow_calibration)
         predictors = {
             "fp": NoisePredictor(model.network, model.num_classes),
             "q": NoisePredictor(self.quantized_network(model, stats), model.num_classes),
@@ -270,6 +368,8 @@ class Workbench:
 
         records = []
         for step_records in sample(schedule, predictors, tracks, noise, labels, config.guidance):
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped")
             records.append(step_records)
             yield CompareProgress(len(records), len(schedule), {name: r.x0 for name, r in step_records.items()})
         yield self._result(config, model, labels, records, stats, source, schedule)

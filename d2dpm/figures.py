@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -202,19 +205,38 @@ def result_grid(result, differences: bool = False) -> Image.Image:
 
 def write_outputs(result, folder, differences: bool = False) -> list[Path]:
     """The files of a comparison, as `d2dpm compare --out` and the apps' downloads give them:
-    grid.png, metrics.csv, per_image.csv, trajectory.csv, stats.csv, run.json."""
+    grid.png, metrics.csv, per_image.csv, trajectory.csv, stats.csv, run.json.
+
+    Written into a temporary folder beside `folder` (inside it when it exists already), then moved
+    into place: a run that fails while writing leaves nothing half-written."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     writers = {
-        "grid.png": lambda path: result_grid(result, differences).save(path),
+        "grid.png": lambda path: result_grid(result, differences).save(path, format="PNG"),
         "metrics.csv": lambda path: result.metrics.to_csv(path, index=False),
         "per_image.csv": lambda path: result.per_image.to_csv(path, index=False),
         "trajectory.csv": lambda path: result.trajectory.to_csv(path, index=False),
         "stats.csv": lambda path: result.stats_table.to_csv(path, index=False),
         "run.json": lambda path: path.write_text(json.dumps(result.run_info(), indent=2)),
     }
-    for name, write in writers.items():
-        write(folder / name)
+    existed = folder.is_dir()
+    if not existed:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder if existed else folder.parent))
+    try:
+        for name, write in writers.items():
+            write(staging / name)
+        if existed:
+            for name in writers:
+                os.replace(staging / name, folder / name)
+            staging.rmdir()
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output folder is an ordinary one
+            os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return [folder / name for name in writers]
 
 

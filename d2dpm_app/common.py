@@ -1,25 +1,50 @@
 """What both UIs share and neither may compute twice: turning widget values into a
-`CompareConfig`, the CPU budget, the model summary, display tables, downloads and captions.
+`CompareConfig`, the work budget, the run lanes, the model summary, display tables, downloads and captions.
 
 No UI library is imported here; `gradio_ui` and `streamlit_ui` are thin layers over it.
+
+Safe in front of the public: only the embedded models and those the operator lists in
+D2DPM_EXTRA_MODELS load; a run's whole work (sampling, and calibration when its statistics are not
+ready) is counted against one budget before it starts; a run that calibrates takes the one
+calibration lane (a second is refused at once, never queued in front of ordinary comparisons), the
+others one of SAMPLING_SLOTS; a run stops between steps when its visitor stops it; its temporary
+files are removed when it ends. Visitors see one-line messages, never exception text.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
+from d2dpm.calibration import RECONSTRUCTION_INPUTS
 from d2dpm.corrections import METHODS, method_for_switches
-from d2dpm.errors import ConfigError, check_int_range
+from d2dpm.errors import Busy, Cancelled, ConfigError, check_int_range
 from d2dpm.experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig, ComparisonResult, default_workbench
 from d2dpm.figures import auto_scale, comparison_grid, method_label, result_grid, run_title, step_images, write_outputs
+from d2dpm.models import EMBEDDED_MODELS, extra_models
+from d2dpm.quant import BACKBONES
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = os.environ.get("D2DPM_APP_MODEL", "emoji")
-MODEL_CHOICES = ["emoji", "fashion", "toy2d"]
+# The embedded models, then those the operator allows (D2DPM_EXTRA_MODELS); nothing else loads in the apps.
+MODEL_CHOICES = list(dict.fromkeys([*EMBEDDED_MODELS, *extra_models()]))
+# How the quantized network is made. AdaRound fits every layer for minutes of CPU: the apps use it only
+# where its statistics are shipped or cached, and offer bias-correction (seconds) elsewhere.
+BACKBONE_CHOICES = list(BACKBONES)
+DEFAULT_BACKBONE = os.environ.get("D2DPM_APP_BACKBONE", "adaround")
 PRESETS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A6": (4, 6)}
 DEFAULT_PRESET = "W4A8"
 MODES = {"S-D²": "stochastic", "D-D²": "deterministic"}
@@ -30,11 +55,26 @@ ALL_CLASSES = "all classes (one image each, cycling)"
 # 2,400 keeps a comparison of the embedded models to seconds on a 2-core Space. Operators with
 # more hardware raise it with the environment variable D2DPM_MAX_IMAGE_STEPS.
 MAX_IMAGE_STEPS = int(os.environ.get("D2DPM_MAX_IMAGE_STEPS", "2400"))
+# The whole run, calibration included, in the same unit: a calibration runs calib_samples
+# trajectories × steps through the FP network and again through the quantized one (× 2), and bias
+# correction adds one dual forward of its RECONSTRUCTION_INPUTS fitting inputs (× 2). The default
+# calibration (128 trajectories, 20 steps, bias correction: 6,144) plus a default comparison (800) fits.
+MAX_WORK = int(os.environ.get("D2DPM_MAX_WORK", "8000"))
 MAX_UI_STEPS = 100
 MAX_CALIB_SAMPLES = 512
 # A toy2d point goes through a 128-wide MLP: hundreds of them cost less than one 32×32 image through
 # the UNet, so a point counts as 1/POINTS_PER_IMAGE of an image-step and clouds of thousands fit.
 POINTS_PER_IMAGE = 256
+# Runs at once: an ordinary comparison takes one of SAMPLING_SLOTS (waiting up to SLOT_WAIT seconds
+# for one); a run that must calibrate takes the single calibration lane, or is refused at once.
+SAMPLING_SLOTS = int(os.environ.get("D2DPM_SAMPLING_SLOTS", "2"))
+CALIBRATION_LANES = 1
+RUN_SLOTS = SAMPLING_SLOTS + CALIBRATION_LANES  # a UI's own concurrency limit for runs
+SLOT_WAIT = float(os.environ.get("D2DPM_SLOT_WAIT", "120"))
+_sampling_slots = threading.BoundedSemaphore(SAMPLING_SLOTS)
+_calibration_lane = threading.BoundedSemaphore(CALIBRATION_LANES)
+REQUEST_PREFIX = "d2dpm_request_"
+STALE_REQUEST_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -63,26 +103,30 @@ class ModelSummary:
     class_names: list[str] = field(default_factory=list)
     shape: tuple = ()
     message: str = ""
+    allowed: str = ""  # when not ok: what is allowed instead, for the one-line refusal of a run
 
     def class_choices(self) -> list[str]:
         return [ALL_CLASSES] + [f"{i}: {name}" for i, name in enumerate(self.class_names)]
 
 
 def describe_model(spec: str) -> ModelSummary:
-    """Load a model (cached by the core) and summarise it; a missing or bad model gives ok=False
-    and a message saying what to do, never an exception."""
-    spec = (spec or "").strip() or DEFAULT_MODEL
+    """Load a model the apps allow (cached by the core) and summarise it; a missing, refused or bad
+    model gives ok=False and a message saying what to do, never an exception or a server path."""
+    spec = (str(spec) if spec is not None else "").strip() or DEFAULT_MODEL
+    shown = spec if len(spec) <= 120 else spec[:120] + "…"
     try:
-        model = default_workbench().model(spec)
+        model = default_workbench().model(spec, public=True)
     except ConfigError as error:
-        if spec in MODEL_CHOICES:
+        if spec in EMBEDDED_MODELS and str(error.allowed).endswith("missing from assets/models"):
             message = (f"The embedded model '{spec}' is not installed here (assets/models/{spec} is missing). "
-                       "Train it with `d2dpm train` (see the README), or type the path of a diffusers model folder in the model box.")
-        else:
-            message = f"Model not available: {error.given!r}. Allowed: {error.allowed}."
-        return ModelSummary(spec, False, message=message)
-    except Exception as error:  # a folder that is not a model: say so, keep serving
-        return ModelSummary(spec, False, message=f"Could not load model {spec!r}: {type(error).__name__}: {error}")
+                       "Train it with `d2dpm train` (see the README), or choose another model.")
+        else:  # the allow-list's refusal, or why an allowed model cannot load (named by the spec, not a path)
+            message = f"Model not available: {shown!r}. Allowed: {error.allowed}."
+        return ModelSummary(spec, False, message=message, allowed=str(error.allowed))
+    except Exception:  # keep serving; the operator's log has the details
+        log.exception("loading model %r failed", spec)
+        return ModelSummary(spec, False, message=f"Model not available: {shown!r}. It could not be loaded on this server.",
+                            allowed="a model that loads on this server")
     names = list(model.class_names) if model.class_names else [f"class {i}" for i in range(model.num_classes or 0)]
     what = "2-D points" if model.kind == "points" else "×".join(map(str, model.sample_shape)) + " images"
     cond = f", class-conditional ({model.num_classes} classes)" if model.conditional else ", unconditional"
@@ -117,36 +161,68 @@ def methods_from_switches(mean: bool, variance: bool, modes, ptqd: bool, oracle:
     return tuple(dict.fromkeys(rows))
 
 
-def check_budget(num_images: int, methods: tuple[str, ...], steps: int, kind: str = "image") -> float:
-    """Samples × method rows × steps must stay within MAX_IMAGE_STEPS (the documented CPU cap);
-    toy points count POINTS_PER_IMAGE to an image."""
+def calibration_work(calib_samples: int, steps: int, backbone: str, kind: str = "image") -> float:
+    """What calibrating costs, in image-steps: trajectories × steps through the FP network and again through
+    the quantized one, plus bias correction's dual forward of its fitting inputs (points count 1/POINTS_PER_IMAGE).
+    AdaRound is not counted: the apps never run it (see `plan_run`)."""
+    per_image = POINTS_PER_IMAGE if kind == "points" else 1
+    work = int(calib_samples) * int(steps) * 2
+    if backbone == "bias-correction":
+        work += RECONSTRUCTION_INPUTS * 2
+    return work / per_image
+
+
+def check_budget(num_images: int, methods: tuple[str, ...], steps: int, kind: str = "image", calibration: float = 0.0) -> float:
+    """Samples × method rows × steps must stay within MAX_IMAGE_STEPS, and with the calibration's work
+    (0 when its statistics are ready) within MAX_WORK; toy points count POINTS_PER_IMAGE to an image.
+    Returns the run's whole work."""
     per_image = POINTS_PER_IMAGE if kind == "points" else 1
     work = int(num_images) / per_image * len(methods) * int(steps)
+    what = f"{num_images} points (= {num_images / per_image:g} images)" if kind == "points" else f"{num_images} images"
     if work > MAX_IMAGE_STEPS:
-        what = f"{num_images} points (= {num_images / per_image:g} images)" if kind == "points" else f"{num_images} images"
         raise ConfigError(
             "num_images",
             f"{what} × {len(methods)} methods × {steps} steps = {work:g} image-steps",
             f"at most {MAX_IMAGE_STEPS} image-steps on this CPU (fewer samples, steps or methods)",
         )
-    return work
+    if work + calibration > MAX_WORK:
+        raise ConfigError(
+            "calib_samples",
+            f"a calibration of {calibration:g} image-steps (trajectories × steps × 2 networks) before sampling {work:g}",
+            f"at most {MAX_WORK} image-steps for the whole run on this CPU (fewer calibration trajectories or steps, "
+            "or settings whose statistics are ready)",
+        )
+    return work + calibration
 
 
-def build_config(model: str, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                 mean: bool = True, variance: bool = True, modes=("S-D²", "D-D²"), ptqd: bool = True, oracle: bool = False,
-                 calib_samples=DEFAULT_CALIB_SAMPLES, granularity: str = "channel") -> CompareConfig:
-    """Widget values → a validated-enough CompareConfig (the core validates the rest). Raises ConfigError."""
+@dataclass(frozen=True)
+class Plan:
+    """A checked run: its configuration, whether it must calibrate first, and its whole work in image-steps."""
+
+    config: CompareConfig
+    calibrates: bool
+    work: float
+
+
+def plan_run(model: str, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+             mean: bool = True, variance: bool = True, modes=("S-D²", "D-D²"), ptqd: bool = True, oracle: bool = False,
+             calib_samples=DEFAULT_CALIB_SAMPLES, granularity: str = "channel", backbone: str | None = None) -> Plan:
+    """Widget values → a checked run, before any work: every value, the model against the allow-list,
+    and the whole work (calibration included when no statistics are ready) against the budget. Raises ConfigError."""
     summary = describe_model(model)
     if not summary.ok:
-        raise ConfigError("model", summary.spec, summary.message)
+        raise ConfigError("model", summary.spec, summary.allowed)
     steps = check_int_range("steps", steps, 1, MAX_UI_STEPS)
     num_images = check_int_range("num_images", num_images, 1, SAMPLE_COUNTS[summary.kind].maximum)
     calib_samples = check_int_range("calib_samples", calib_samples, 2, MAX_CALIB_SAMPLES)
+    backbone = DEFAULT_BACKBONE if backbone in (None, "") else backbone
+    if backbone not in BACKBONE_CHOICES:
+        raise ConfigError("backbone", backbone, ", ".join(BACKBONE_CHOICES))
     methods = methods_from_switches(mean, variance, modes, ptqd, oracle)
     check_budget(num_images, methods, steps, summary.kind)
     if guidance is None or (isinstance(guidance, float) and math.isnan(guidance)) or not summary.conditional:
         guidance = None  # unconditional models sample without guidance (the control is hidden for them)
-    return CompareConfig(
+    config = CompareConfig(
         model=summary.spec,
         w_bits=_int_or_raw(w_bits),
         a_bits=_int_or_raw(a_bits),
@@ -159,7 +235,121 @@ def build_config(model: str, w_bits, a_bits, steps, eta, guidance, class_choice,
         num_images=num_images,
         calib_samples=calib_samples,
         granularity=granularity,
+        backbone=backbone,
     )
+    return plan_config(config)
+
+
+def plan_config(config: CompareConfig) -> Plan:
+    """Check a configuration for a run in the apps: the model against the allow-list, every value, whether
+    its statistics are ready (AdaRound is refused if not), and its whole work against the budget."""
+    workbench = default_workbench()
+    loaded = workbench.model(config.model, public=True)
+    kind = loaded.kind
+    checked = config.validated(loaded)
+    calibrates = workbench.find_statistics(checked.stats_config(loaded)) is None
+    if calibrates and config.backbone == "adaround":
+        raise ConfigError("backbone", "adaround", "bias-correction or rtn for these settings: AdaRound fits every layer for "
+                          "minutes of CPU, so this server uses it only where its statistics are shipped or cached "
+                          "(bias-correction calibrates in seconds)")
+    calib_samples = check_int_range("calib_samples", config.calib_samples, 2, MAX_CALIB_SAMPLES)
+    steps = check_int_range("steps", config.steps, 1, MAX_UI_STEPS)
+    calibration = calibration_work(calib_samples, steps, config.backbone, kind) if calibrates else 0.0
+    work = check_budget(checked.num_images, checked.methods, steps, kind, calibration)
+    return Plan(config, calibrates, work)
+
+
+def build_config(*args, **kwargs) -> CompareConfig:
+    """Widget values → a checked CompareConfig (see `plan_run`). Raises ConfigError."""
+    return plan_run(*args, **kwargs).config
+
+
+# -- running: lanes, progress, stopping, temporary files
+
+@dataclass
+class Calibrating:
+    """Streamed while a run calibrates."""
+
+    fraction: float
+    message: str
+
+
+def stream_run(plan: Plan) -> Iterator:
+    """Run a planned comparison in a worker thread; yield `Calibrating` while it calibrates, then what
+    `Workbench.iter_compare` yields. Raises Busy when no slot of its kind is free, Cancelled if stopped.
+
+    Closing this generator (Gradio's cancel, Streamlit's stop, a visitor who leaves) stops the run at
+    its next step; its slot is given back when the worker ends."""
+    lane = _calibration_lane if plan.calibrates else _sampling_slots
+    if plan.calibrates:
+        if not lane.acquire(blocking=False):
+            raise Busy("Another visitor's calibration is running, and this server calibrates one at a time. Try again in a "
+                       "minute, or choose settings whose statistics are ready (the presets at 20 steps).")
+    elif not lane.acquire(timeout=SLOT_WAIT):
+        raise Busy(f"The server is busy with other comparisons (no free slot in {SLOT_WAIT:g} s). Please try again.")
+    stop = threading.Event()
+    events: queue.Queue = queue.Queue()
+
+    def progress(fraction: float, message: str) -> None:
+        if stop.is_set():
+            raise Cancelled("stopped")
+        events.put(Calibrating(fraction, message))
+
+    def work() -> None:
+        try:
+            for event in default_workbench().iter_compare(plan.config, progress=progress, allow_calibration=plan.calibrates,
+                                                          should_stop=stop.is_set, public=True):
+                events.put(event)
+        except BaseException as error:  # handed to the consumer, which shows one line
+            events.put(error)
+        finally:
+            lane.release()
+            events.put(StopIteration())
+
+    threading.Thread(target=work, name="d2dpm-run", daemon=True).start()
+    try:
+        while True:
+            event = events.get()
+            if isinstance(event, StopIteration):
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        stop.set()
+
+
+def visitor_message(error: BaseException) -> tuple[str, str]:
+    """(title, one line) to show a visitor for a failed run; never exception text or server paths
+    (an unexpected error is logged for the operator, with its traceback and the reference shown)."""
+    if isinstance(error, ConfigError):
+        return "Please check the settings", str(error)
+    if isinstance(error, Busy):
+        return "Server busy", str(error)
+    if isinstance(error, Cancelled):
+        return "Stopped", "The run was stopped."
+    reference = uuid.uuid4().hex[:8]
+    log.error("run failed (reference %s)", reference, exc_info=error)
+    return "Something went wrong", f"The comparison failed on the server (reference {reference}). Please try other settings."
+
+
+def new_request_folder() -> Path:
+    """A private temporary folder for one request's files (remove it with `remove_request_folder` when the
+    request ends); this process's request folders older than STALE_REQUEST_SECONDS are swept first."""
+    root = Path(tempfile.gettempdir())
+    prefix = f"{REQUEST_PREFIX}{os.getpid()}_"
+    for stale in root.glob(prefix + "*"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_REQUEST_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+def remove_request_folder(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _int_or_raw(value):

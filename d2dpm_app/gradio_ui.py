@@ -8,18 +8,19 @@ Every event has an `api_name`, so `gradio_client` can drive the whole flow:
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 
 import gradio as gr
 
 from d2dpm import figures, teaching
-from d2dpm.errors import ConfigError
 from d2dpm.experiment import ComparisonResult, CompareProgress, default_workbench
 
 from . import common
 
 log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 600  # how long Gradio keeps a run's files in its cache
+MAX_UPLOAD = "64kb"
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
@@ -72,34 +73,38 @@ def preset_bits(preset: str):
 
 
 def validate(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-             mean, variance, modes, ptqd, oracle, calib_samples, granularity) -> None:
+             mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone=None) -> None:
     """Check the settings before a run, with no outputs: a bad setting shows a message and leaves the
     previous results on screen (an error inside the run itself would mark every output as failed)."""
     try:
-        common.build_config(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                            mean, variance, modes, ptqd, oracle, calib_samples, granularity)
-    except ConfigError as error:
-        raise gr.Error(str(error), title="Please check the settings") from None
+        common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                        mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
+    except Exception as error:
+        title, message = common.visitor_message(error)
+        raise gr.Error(message, title=title) from None
 
 
 def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                mean, variance, modes, ptqd, oracle, calib_samples, granularity, progress=gr.Progress()):
-    """Stream the predicted x₀ of every method after each step, then the results.
+                mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone=None, progress=gr.Progress()):
+    """Stream the calibration's progress and the predicted x₀ of every method after each step, then the results.
 
-    Outputs: samples image, summary markdown, metrics table, downloads, state.
+    Outputs: samples image, summary markdown, metrics table, downloads, state. Stopping the event
+    (the Stop button, or a visitor who leaves) closes this generator, which stops the run at its next step.
     """
+    folder = None
+    stream = None
     try:
-        config = common.build_config(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                                     mean, variance, modes, ptqd, oracle, calib_samples, granularity)
-        kind = common.describe_model(config.model).kind
+        plan = common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                               mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
+        kind = common.describe_model(plan.config.model).kind
         start = time.perf_counter()
-
-        def report(fraction: float, message: str) -> None:
-            progress(fraction, desc=f"calibrating the noise model: {message}")
-
         result = None
-        for event in default_workbench().iter_compare(config, progress=report):
-            if isinstance(event, CompareProgress):
+        stream = common.stream_run(plan)
+        for event in stream:
+            if isinstance(event, common.Calibrating):
+                progress(event.fraction, desc=f"calibrating the noise model: {event.message}")
+                yield (gr.skip(), f"Calibrating the noise model… {event.message}", gr.skip(), gr.skip(), gr.skip())
+            elif isinstance(event, CompareProgress):
                 progress(event.step / event.total, desc=f"sampling: step {event.step}/{event.total}")
                 yield (common.progress_grid(event.x0, kind, event.step, event.total),
                        f"Sampling… step {event.step} of {event.total}", gr.skip(), gr.skip(), gr.skip())
@@ -107,17 +112,19 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
                 result = event
         assert isinstance(result, ComparisonResult)
         seconds = time.perf_counter() - start
-        folder = tempfile.mkdtemp(prefix="d2dpm_")
+        folder = common.new_request_folder()  # Gradio copies the files into its cache; ours go when the event ends
         files = [str(p) for p in common.write_downloads(result, folder)]
         yield (common.final_grid(result), common.summary_markdown(result, seconds), common.metrics_display(result.metrics),
                files, result)
-    except ConfigError as error:
-        raise gr.Error(str(error), title="Please check the settings") from None
     except gr.Error:
         raise
-    except Exception as error:  # keep serving; log the trace for the operator, show one line to the visitor
-        log.exception("comparison failed")
-        raise gr.Error(f"The comparison failed: {type(error).__name__}: {error}", title="Something went wrong") from None
+    except Exception as error:  # keep serving: one line for the visitor, the trace in the operator's log
+        title, message = common.visitor_message(error)
+        raise gr.Error(message, title=title) from None
+    finally:
+        if stream is not None:
+            stream.close()
+        common.remove_request_folder(folder)
 
 
 def refresh_views(result: ComparisonResult | None):
@@ -172,7 +179,9 @@ def trajectory_step(result: ComparisonResult | None, step):
 
 def build_demo() -> gr.Blocks:
     # No usage analytics: the app sends nothing anywhere (and must run with no network at all).
-    with gr.Blocks(title="D²-DPM: quantized diffusion, repaired", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of each run's images and downloads go after CACHE_SECONDS.
+    with gr.Blocks(title="D²-DPM: quantized diffusion, repaired", analytics_enabled=False,
+                   delete_cache=(CACHE_SECONDS // 4, CACHE_SECONDS)) as demo:
         state = gr.State(None)
         gr.Markdown(
             "# D²-DPM: what quantization does to diffusion sampling, and how dual denoising repairs it\n"
@@ -219,8 +228,14 @@ def build_demo() -> gr.Blocks:
                             calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=common.DEFAULT_CALIB_SAMPLES, step=1, label="Calibration trajectories",
                                                       info="used when no shipped or cached statistics match", elem_id="calib-samples")
                             granularity = gr.Radio(["channel", "tensor"], value="channel", label="Noise model granularity")
-                            gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
-                        run = gr.Button("Run comparison", variant="primary", elem_id="run-button")
+                            backbone = gr.Radio(common.BACKBONE_CHOICES, value=common.DEFAULT_BACKBONE, label="PTQ backbone",
+                                                info="AdaRound only where its statistics are ready; bias-correction calibrates in seconds",
+                                                elem_id="backbone")
+                            gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
+                                        f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
+                        with gr.Row():
+                            run = gr.Button("Run comparison", variant="primary", elem_id="run-button", scale=3)
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
                     with gr.Column(scale=2):
                         gr.Markdown("### Samples\nRows: FP | quantized | corrections, all from the same noise. "
                                     "Under each row, the heat-map of |x − FP| (white = identical to full precision).")
@@ -259,13 +274,15 @@ def build_demo() -> gr.Blocks:
         demo.load(model_info, model, [model_msg, guidance, class_choice, num_images], api_name="model_info_on_load")
         preset.change(preset_bits, preset, [w_bits, a_bits], api_name="preset")
         controls = [model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                    mean, variance, modes, ptqd, oracle, calib_samples, granularity]
+                    mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone]
         view_outputs = [deviation_plot, dev_step, hist_plot, joint_plot, dev_caption, traj_plot, moments_plot,
                         traj_step, x0_image, traj_caption, particles_plot, psnr_plot]
-        run.click(validate, controls, None, api_name="validate", show_progress="hidden").success(
-            run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare", concurrency_limit=2,
-            show_progress_on=[samples],
-        ).success(refresh_views, state, view_outputs, api_name="views")
+        compare_event = run.click(validate, controls, None, api_name="validate", show_progress="hidden").success(
+            run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare",
+            concurrency_limit=common.RUN_SLOTS, show_progress_on=[samples],
+        )
+        compare_event.success(refresh_views, state, view_outputs, api_name="views")
+        stop.click(None, None, None, cancels=[compare_event], api_name=False)
         dev_step.release(deviation_step, [state, dev_step], [hist_plot, joint_plot, dev_caption], api_name="deviation_step")
         traj_step.release(trajectory_step, [state, traj_step], [x0_image, traj_caption], api_name="trajectory_step")
     return demo
@@ -275,4 +292,5 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     demo = build_demo()
     demo.queue(default_concurrency_limit=2, max_size=32)
-    demo.launch(theme=theme(), css=CSS, show_error=True)
+    # The app takes no uploads: refuse anything bigger than a form field at /gradio_api/upload.
+    demo.launch(theme=theme(), css=CSS, show_error=True, max_file_size=MAX_UPLOAD)

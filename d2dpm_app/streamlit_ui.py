@@ -71,30 +71,33 @@ def result_store() -> _Store:
     return _Store(STORE_SIZE)
 
 
-def run_comparison(config: CompareConfig, image_slot=None, kind: str = "image") -> ComparisonResult:
+def run_comparison(config: CompareConfig | common.Plan, image_slot=None, kind: str = "image") -> ComparisonResult:
     """Run (or fetch from the store) one comparison, streaming the predicted x₀ into `image_slot`
-    and showing calibration and sampling progress. Raises ConfigError on bad input."""
+    and showing calibration and sampling progress. Raises ConfigError on bad input, Busy when the
+    server's slots are taken. The visitor's Stop (or a rerun) raises inside a progress update here,
+    which closes the run's stream and so stops the run at its next step."""
+    plan = config if isinstance(config, common.Plan) else common.plan_config(config)
     store = result_store()
-    cached = store.get(config)
+    cached = store.get(plan.config)
     if cached is not None:
         return cached
     bar = st.progress(0.0, text="starting…")
-
-    def report(fraction: float, message: str) -> None:
-        bar.progress(min(max(fraction, 0.0), 1.0), text=f"calibrating the noise model: {message}")
-
     result = None
+    stream = common.stream_run(plan)
     try:
-        for event in default_workbench().iter_compare(config, progress=report):
-            if isinstance(event, CompareProgress):
+        for event in stream:
+            if isinstance(event, common.Calibrating):
+                bar.progress(min(max(event.fraction, 0.0), 1.0), text=f"calibrating the noise model: {event.message}")
+            elif isinstance(event, CompareProgress):
                 bar.progress(event.step / event.total, text=f"sampling: step {event.step}/{event.total}")
                 if image_slot is not None:
                     image_slot.image(common.progress_grid(event.x0, kind, event.step, event.total))
             else:
                 result = event
     finally:
+        stream.close()
         bar.empty()
-    store.put(config, result)
+    store.put(plan.config, result)
     return result
 
 
@@ -115,8 +118,8 @@ def result_or_prompt() -> ComparisonResult | None:
         try:
             kind = common.describe_model(config.model).kind
             result = run_comparison(config, st.empty(), kind)
-        except ConfigError as error:
-            st.error(str(error))
+        except Exception as error:  # one line, never a traceback
+            st.error(": ".join(common.visitor_message(error)))
             return None
         st.session_state[RESULT_KEY] = result
         return result
@@ -125,7 +128,8 @@ def result_or_prompt() -> ComparisonResult | None:
 
 def default_config() -> CompareConfig | None:
     try:
-        return common.build_config(common.DEFAULT_MODEL, *common.PRESETS[common.DEFAULT_PRESET], 20, 0.0, 3.0, None, 0, 8)
+        return common.build_config(common.DEFAULT_MODEL, *common.PRESETS[common.DEFAULT_PRESET], 20, 0.0, 3.0, None, 0, 8,
+                                   backbone=common.DEFAULT_BACKBONE)
     except ConfigError as error:
         st.error(str(error))
         return None
@@ -233,24 +237,28 @@ def compare_page() -> None:
             granularity = keep("granularity", st.radio("Noise model granularity", granularities,
                                                        index=_index(granularities, kept("granularity", "channel")), horizontal=True,
                                                        key="granularity"))
-            st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}.")
+            backbones = common.BACKBONE_CHOICES
+            backbone = keep("backbone", st.radio("PTQ backbone", backbones, index=_index(backbones, kept("backbone", common.DEFAULT_BACKBONE)),
+                                                 horizontal=True, key="backbone",
+                                                 help="AdaRound only where its statistics are ready; bias-correction calibrates in seconds"))
+            st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
+                       f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
         run = st.button("Run comparison", type="primary", width="stretch", key="run")
 
     messages = st.container()  # errors show here, above any earlier result
     slot = st.empty()
     if run:
         try:
-            config = common.build_config(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                                         mean, variance, modes, ptqd, oracle, calib_samples, granularity)
+            plan = common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
+                                   mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
             start = time.perf_counter()
-            result = run_comparison(config, slot, summary.kind)
+            result = run_comparison(plan, slot, summary.kind)
             st.session_state[RESULT_KEY] = result
-            st.session_state[CONFIG_KEY] = config
+            st.session_state[CONFIG_KEY] = plan.config
             st.session_state["seconds"] = time.perf_counter() - start
-        except ConfigError as error:
-            messages.error(f"Please check the settings: {error}")
         except Exception as error:  # keep serving: one line for the visitor, no traceback
-            messages.error(f"The comparison failed: {type(error).__name__}: {error}")
+            title, message = common.visitor_message(error)
+            messages.error(f"{title}: {message}")
 
     result = current_result()
     if result is None:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from d2dpm.cli import main
 
-FAST = ["--steps", "6", "--calib-samples", "8", "--num-images", "3", "--backbone", "rtn"]  # backbones: test_backbones.py
+FAST = ["--steps", "6", "--calib-samples", "8", "--num-images", "3", "--backbone", "bias-correction"]  # AdaRound: test_backbones
 
 
 def run_compare(model_dir, out, *extra):
@@ -46,7 +46,7 @@ def test_same_seed_same_configuration_gives_bit_identical_outputs(conditional_mo
 
 def test_stats_file_round_trip_through_compare(conditional_model_dir, tmp_path):
     stats = tmp_path / "stats.safetensors"
-    common = ["--model", str(conditional_model_dir), "--steps", "6", "--calib-samples", "8", "--backbone", "rtn"]
+    common = ["--model", str(conditional_model_dir), "--steps", "6", "--calib-samples", "8", "--backbone", "bias-correction"]
     assert main(["stats", *common, "--out", str(stats)]) == 0
     assert len(pd.read_csv(stats.with_suffix(".csv"))) == 6
     assert run_compare(conditional_model_dir, tmp_path / "out", "--stats", str(stats)) == 0
@@ -79,7 +79,8 @@ def test_missing_model_and_foreign_or_broken_statistics(conditional_model_dir, t
     assert "--model" in capsys.readouterr().err
 
     other = tmp_path / "other.safetensors"
-    assert main(["stats", "--model", str(conditional_model_dir), "--steps", "5", "--calib-samples", "8", "--backbone", "rtn", "--out", str(other)]) == 0
+    assert main(["stats", "--model", str(conditional_model_dir), "--steps", "5", "--calib-samples", "8", "--backbone", "bias-correction",
+                 "--out", str(other)]) == 0
     capsys.readouterr()
     assert run_compare(conditional_model_dir, tmp_path / "x", "--stats", str(other)) == 2  # made for 5 steps, asked for 6
     error = capsys.readouterr().err

@@ -20,18 +20,19 @@ EXPECTED_ENDPOINTS = {"/model_info", "/model_info_on_load", "/preset", "/validat
 
 def compare_args(model_dir, **changes):
     """The /compare inputs in order: model, w, a, steps, η, guidance, class, seed, images,
-    mean, variance, modes, ptqd, oracle, calibration samples, granularity."""
+    mean, variance, modes, ptqd, oracle, calibration samples, granularity, backbone."""
     s = dict(SMALL, guidance=3.0, class_choice=ALL_CLASSES, mean=True, variance=True, modes=["S-D²", "D-D²"], ptqd=True,
-             oracle=False, granularity="channel")
+             oracle=False, granularity="channel", backbone="bias-correction")
     s.update(changes)
     return (str(model_dir), s["w_bits"], s["a_bits"], s["steps"], s["eta"], s["guidance"], s["class_choice"], s["seed"],
-            s["num_images"], s["mean"], s["variance"], s["modes"], s["ptqd"], s["oracle"], s["calib_samples"], s["granularity"])
+            s["num_images"], s["mean"], s["variance"], s["modes"], s["ptqd"], s["oracle"], s["calib_samples"], s["granularity"],
+            s["backbone"])
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, conditional_model_dir):
     tmp = tmp_path_factory.mktemp("gradio_server")
-    with gradio_server(tmp) as (url, process):
+    with gradio_server(tmp, extra_env={"D2DPM_EXTRA_MODELS": str(conditional_model_dir)}) as (url, process):
         yield url, process, tmp
 
 
@@ -50,7 +51,8 @@ def test_compare_returns_what_the_cli_writes(client, conditional_model_dir, tmp_
     subprocess.run(
         [sys.executable, "-m", "d2dpm", "compare", "--model", str(conditional_model_dir), "--w-bits", "4", "--a-bits", "8",
          "--steps", str(SMALL["steps"]), "--eta", "0", "--guidance", "3", "--seed", "0", "--num-images", str(SMALL["num_images"]),
-         "--calib-samples", str(SMALL["calib_samples"]), "--methods", "fp,q,ptqd,s-d2,d-d2", "--backbone", "rtn", "--out", str(cli_out)],
+         "--calib-samples", str(SMALL["calib_samples"]), "--methods", "fp,q,ptqd,s-d2,d-d2", "--backbone", "bias-correction",
+         "--out", str(cli_out)],
         check=True, cwd=ROOT, env=env, capture_output=True, timeout=300,
     )
     job = client.submit(*compare_args(conditional_model_dir), api_name="/compare")
@@ -95,7 +97,7 @@ def test_bad_input_gives_a_clear_message_and_the_server_keeps_serving(client, se
     for endpoint in ("/validate", "/compare"):
         with pytest.raises(gradio_client.exceptions.AppError, match="image-steps"):
             client.predict(*too_much, api_name=endpoint)
-    with pytest.raises(gradio_client.exceptions.AppError, match="Model not available"):
+    with pytest.raises(gradio_client.exceptions.AppError, match="D2DPM_EXTRA_MODELS"):  # not on the operator's list
         client.predict(*compare_args(server[2] / "no_such_model"), api_name="/compare")
     with pytest.raises(gradio_client.exceptions.AppError, match="Run a comparison first"):
         client.predict(1, api_name="/trajectory_step")
@@ -125,10 +127,12 @@ def test_switches_select_the_methods():
     assert methods_from_switches(False, False, ["S-D²"], False, False) == ("fp", "q")
 
 
-def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_model_dir):
+def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_model_dir, monkeypatch):
     from d2dpm.errors import ConfigError
     from d2dpm_app import common
 
+    monkeypatch.setenv("D2DPM_EXTRA_MODELS", str(conditional_model_dir))
+    monkeypatch.setattr(common, "DEFAULT_BACKBONE", "rtn")
     config = common.build_config(str(conditional_model_dir), 4.0, 6.0, 10.0, 0.5, 2.5, "2: class 2", 7.0, 3.0)
     assert (config.w_bits, config.a_bits, config.steps, config.class_label, config.seed, config.guidance) == (4, 6, 10, 2, 7, 2.5)
     assert config.calib_samples == common.DEFAULT_CALIB_SAMPLES

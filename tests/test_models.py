@@ -15,7 +15,7 @@ def test_pipeline_folder_loads_and_compares(pipeline_model_dir):
     model = load_model(str(pipeline_model_dir))
     assert model.kind == "image" and model.sample_shape == (3, 8, 8) and not model.conditional
     result = Workbench().compare(CompareConfig(model=str(pipeline_model_dir), steps=4, num_images=2, calib_samples=4, methods=("q", "d-d2"),
-                                                backbone="rtn"))
+                                                     backbone="rtn"))
     assert result.samples["d-d2"].shape == (2, 3, 8, 8)
     assert result.config.guidance == 1.0  # unconditional: no guidance
 
@@ -61,7 +61,8 @@ def test_unreachable_hub_id_gives_a_clear_error():
 
 def test_guidance_on_an_unconditional_model_is_refused(pipeline_model_dir):
     with pytest.raises(ConfigError) as refused:
-        Workbench().compare(CompareConfig(model=str(pipeline_model_dir), guidance=3.0, steps=4, num_images=1, calib_samples=4))
+        Workbench().compare(CompareConfig(model=str(pipeline_model_dir), guidance=3.0, steps=4, num_images=1, calib_samples=4,
+                                                  backbone="rtn"))
     assert refused.value.argument == "guidance"
 
 

@@ -34,6 +34,8 @@ def default_model(monkeypatch):
 
     def use(folder: Path) -> None:
         monkeypatch.setattr(common, "DEFAULT_MODEL", str(folder))
+        monkeypatch.setenv("D2DPM_EXTRA_MODELS", str(folder))  # what an operator allows
+        monkeypatch.setattr(common, "DEFAULT_BACKBONE", "bias-correction")  # tiny models have no shipped statistics
 
     return use
 
