@@ -94,8 +94,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-samples", type=integer(ALLOWED["calib_samples"]), default=None, help="calibration trajectories (default 128)")
     parser.add_argument("--calib-seed", type=integer(ALLOWED["calib_seed"]), default=0, help="seed of the calibration trajectories (default 0)")
     parser.add_argument("--range", dest="range_method", choices=("mse", "minmax"), default="mse", help="clipping range search (default mse)")
-    parser.add_argument("--backbone", choices=("adaround", "bias-correction", "rtn"), default="adaround",
-                        help="how the quantized network is made: AdaRound, bias correction or round-to-nearest (default adaround)")
     parser.add_argument("--all-layers-low-bit", action="store_true", help="quantize the first and last layer at the low bit-width too")
     parser.add_argument("--backbone", choices=("adaround", "bias-correction", "rtn"), default="bias-correction",
                         help="how the quantized network is made: adaround (learned rounding, split skip inputs, bias correction; "
