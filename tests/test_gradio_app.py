@@ -138,9 +138,9 @@ def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_mode
     assert config.calib_samples == common.DEFAULT_CALIB_SAMPLES
     assert common.build_config(str(conditional_model_dir), 4, 8, 10, 0, 3, common.ALL_CLASSES, 0, 3).class_label is None
     steps = common.MAX_IMAGE_STEPS // (5 * 8)
-    common.build_config(str(conditional_model_dir), 4, 8, steps, 0, 3, None, 0, 8)  # exactly at the cap
+    common.build_config(str(conditional_model_dir), 4, 8, steps, 0, 3, None, 0, 8, calib_samples=2)  # exactly at the cap
     with pytest.raises(ConfigError, match="image-steps") as error:
-        common.build_config(str(conditional_model_dir), 4, 8, steps + 1, 0, 3, None, 0, 8)
+        common.build_config(str(conditional_model_dir), 4, 8, steps + 1, 0, 3, None, 0, 8, calib_samples=2)
     assert error.value.argument == "num_images"
     with pytest.raises(ConfigError, match="mode"):
         common.build_config(str(conditional_model_dir), 4, 8, 10, 0, 3, None, 0, 2, modes=["X"])
