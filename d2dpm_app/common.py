@@ -55,7 +55,7 @@ CUSTOM_PRESET = "custom"
 MODES = {"S-D²": "stochastic", "D-D²": "deterministic"}
 ALL_CLASSES = "all classes (one image each, cycling)"
 BACKBONE_INFO = ("how the quantized network is made; it removes quantization's static offset once, "
-                 "D²-DPM and PTQD then model the deviation left at each step")
+                 "D²-DPM and PTQD then model the deviation left at each step (AdaRound only where its statistics are ready)")
 BACKBONE_HELP = ("PTQ backbone: how the quantized network is made. It removes the static offset of quantization once "
                  "(rtn: plain rounding; bias-correction: per-layer mean error removed; adaround: learned rounding); "
                  "D²-DPM and PTQD then model the deviation left at each step.")
