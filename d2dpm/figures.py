@@ -625,7 +625,7 @@ def _toy_density_grid(extent: float, n: int = 120):
     return axis, density
 
 
-HIGHLIGHTED_PATHS = 6  # trajectories drawn per method in the toy2d view unless all are asked for
+HIGHLIGHTED_PATHS = 3  # trajectories drawn per method in the toy2d view unless all are asked for
 MAX_PATHS = 256
 MAX_MOVING_POINTS = 600  # points per method that move in the animation (the rest only as end points)
 
@@ -652,8 +652,11 @@ def particles_figure(result, paths: int | None = HIGHLIGHTED_PATHS, extent: floa
     density = _toy_density_grid(extent)
     if density is not None:
         axis, values = density
-        fig.add_trace(go.Contour(x=axis, y=axis, z=values, colorscale=[[0, "#FFFFFF"], [0.15, "#E3ECF5"], [1, "#8FB3D9"]],
-                                 showscale=False, ncontours=10, contours=dict(coloring="fill", showlines=True),
+        # log density over the 6 nats below its peak: the ring and spiral are thin, a linear scale hid them
+        log_density = np.log(np.maximum(values, 1e-300))
+        peak = float(log_density.max())
+        fig.add_trace(go.Contour(x=axis, y=axis, z=np.maximum(log_density, peak - 6.0), colorscale=[[0, "#FFFFFF"], [0.3, "#DCE6F2"], [1, "#7FA6D1"]],
+                                 showscale=False, contours=dict(coloring="fill", showlines=True, start=peak - 5.0, end=peak, size=1.0),
                                  line=dict(width=0.5, color="#A9BFD6"), hoverinfo="skip", name="data density (known)",
                                  showlegend=True))
     background = len(fig.data)
@@ -668,8 +671,8 @@ def particles_figure(result, paths: int | None = HIGHLIGHTED_PATHS, extent: floa
             for i in range(n_paths):
                 xs += list(p[:, i, 0]) + [None]
                 ys += list(p[:, i, 1]) + [None]
-            out.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1.6 if paths is not None else 0.8),
-                                  opacity=0.9 if paths is not None else 0.35, legendgroup=m, showlegend=False, hoverinfo="skip"))
+            out.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1.2 if paths is not None else 0.6),
+                                  opacity=0.75 if paths is not None else 0.3, legendgroup=m, showlegend=False, hoverinfo="skip"))
             out.append(go.Scatter(x=p[-1, :, 0], y=p[-1, :, 1], mode="markers", name=method_label(m), legendgroup=m,
                                   marker=dict(color=color, size=marker_size, opacity=0.75, line=dict(width=0)),
                                   hovertemplate=method_label(m) + ": (%{x:.2f}, %{y:.2f})<extra></extra>"))
