@@ -213,6 +213,8 @@ def _step_index(result: ComparisonResult, step) -> int:
     return step - 1
 
 
+# A new run closes the messages of earlier ones (they piled up while their 8 s ran).
+CLEAR_TOASTS_JS = "() => { document.querySelectorAll('.toast-close').forEach(button => button.click()); }"
 RESIZE_JS = "() => { for (const wait of [50, 300]) setTimeout(() => window.dispatchEvent(new Event('resize')), wait); }"
 
 NO_RUN = "Run a comparison first (Compare tab)."
@@ -384,6 +386,7 @@ def build_demo() -> gr.Blocks:
         compare_events = []
         for index, button in enumerate((run, dev_run, traj_run)):
             suffix = "" if index == 0 else f"_{index}"
+            button.click(None, None, None, js=CLEAR_TOASTS_JS, queue=False)
             event = button.click(validate, controls, None, api_name="validate" + suffix, show_progress="hidden").success(
                 run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare" + suffix,
                 concurrency_limit=common.RUN_SLOTS, concurrency_id="compare", show_progress_on=[samples],
