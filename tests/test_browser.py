@@ -230,7 +230,10 @@ def run_in_chromium(browser, screenshots, prefix: str, server, viewport: dict, d
 def drive_gradio_phone(page, url: str, shots: Shots) -> None:
     page.goto(url)
     page.locator("#run-button").wait_for(timeout=VIEW_WAIT)
-    page.locator("#samples img").first.wait_for(timeout=VIEW_WAIT)
+    landing = page.locator("#samples img").first
+    landing.wait_for(state="attached", timeout=VIEW_WAIT)
+    landing.scroll_into_view_if_needed()  # on a phone the grid sits under the settings, and loads when scrolled to
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=landing.element_handle(), timeout=VIEW_WAIT)
     no_horizontal_overflow(page, "gradio landing")
     shots.page(page, "phone-0-landing")
     gradio_number(page, "steps", FAST["steps"])
