@@ -400,10 +400,10 @@ def identity_steps(table) -> list[int]:
 
 
 def _bottom_legend(fig, height: int, bottom: int = 150, top: int = 90) -> None:
-    """Legend under the plot, title above it: a legend between the title and the panels covered the
-    title as soon as the figure was narrower than the legend. Placed in pixels below the x-axis titles."""
-    plot_height = height - bottom - top
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-62 / plot_height, x=0, xanchor="left"),
+    """Legend at the bottom of the figure, title above the panels: a legend between the title and the
+    panels covered the title as soon as the figure was narrower than the legend. Placed against the
+    figure's own bottom edge (yref container), so no resize of the plot area can move it onto a panel."""
+    fig.update_layout(legend=dict(orientation="h", yref="container", y=0.01, yanchor="bottom", x=0, xanchor="left"),
                       margin=dict(l=64, r=20, t=top, b=bottom), height=height)
 
 
