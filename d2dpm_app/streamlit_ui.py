@@ -14,7 +14,6 @@ from pathlib import Path
 import streamlit as st
 
 from d2dpm import figures, teaching
-from d2dpm.errors import ConfigError
 from d2dpm.experiment import CompareConfig, ComparisonResult, CompareProgress, default_workbench
 
 from . import common, story
