@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from d2dpm.errors import ConfigError  # noqa: E402
-from d2dpm.experiment import default_workbench  # noqa: E402
+from d2dpm.experiment import DEFAULT_METHODS, CompareConfig, default_workbench  # noqa: E402
 from d2dpm.figures import run_title  # noqa: E402
 from d2dpm_app import common, story  # noqa: E402
 
@@ -35,14 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-samples", type=int, default=common.DEFAULT_CALIB_SAMPLES)
     parser.add_argument("--out", type=Path, default=None, help="default: assets/example (or $D2DPM_EXAMPLE_DIR)")
     args = parser.parse_args(argv)
+    # The core's configuration, not the apps' plan: an operator's script is not held to a visitor's
+    # budget, and it may calibrate AdaRound for as long as that takes.
     try:
         summary = common.describe_model(args.model)
         if not summary.ok:
             raise ConfigError("model", args.model, summary.message)
         count = args.num_images or common.SAMPLE_COUNTS[summary.kind].default
         w_bits, a_bits = common.PRESETS[common.DEFAULT_PRESET]
-        config = common.build_config(args.model, w_bits, a_bits, args.steps, 0.0, 3.0, None, 0, count,
-                                     calib_samples=args.calib_samples, backbone=args.backbone)
+        config = CompareConfig(model=summary.spec, w_bits=w_bits, a_bits=a_bits, steps=args.steps, eta=0.0,
+                               guidance=3.0 if summary.conditional else None, methods=DEFAULT_METHODS, seed=0,
+                               num_images=count, calib_samples=args.calib_samples, backbone=args.backbone)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
