@@ -653,7 +653,7 @@ def particles_figure(result, paths: int | None = HIGHLIGHTED_PATHS, extent: floa
     if density is not None:
         axis, values = density
         # log density over the 6 nats below its peak: the ring and spiral are thin, a linear scale hid them
-        log_density = np.log(np.maximum(values, 1e-300))
+        log_density = np.log(np.maximum(values.astype(np.float64), 1e-300))
         peak = float(log_density.max())
         fig.add_trace(go.Contour(x=axis, y=axis, z=np.maximum(log_density, peak - 6.0), colorscale=[[0, "#FFFFFF"], [0.3, "#DCE6F2"], [1, "#7FA6D1"]],
                                  showscale=False, contours=dict(coloring="fill", showlines=True, start=peak - 5.0, end=peak, size=1.0),

@@ -119,7 +119,7 @@ RESULTS = common.ResultStore(16)
 def _final_outputs(result: ComparisonResult, seconds: float, cached: bool, folder):
     files = [str(p) for p in common.write_downloads(result, folder)]
     return (common.final_grid(result), common.summary_markdown(result, seconds, cached=cached),
-            common.metrics_display(result.metrics, result.model.kind), gr.File(value=files, visible=True), result)
+            common.metrics_display(result.metrics, result.model.kind), files, result)
 
 
 def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
@@ -333,7 +333,7 @@ def build_demo() -> gr.Blocks:
                                                elem_id="metrics", wrap=True)
                         psnr_plot = gr.Plot(show_label=False, elem_id="psnr-plot", visible=False)
                         downloads = gr.File(label="Downloads: " + ", ".join(common.DOWNLOAD_NAMES), file_count="multiple",
-                                            interactive=False, elem_id="downloads", height=140, visible=False)
+                                            interactive=False, elem_id="downloads", height=140)
                         gr.Markdown(common.GUIDE, elem_id="guide")
                         gr.Markdown("Colours used in every plot: " + _chips())
             with gr.Tab("Deviation curves", id="deviation") as deviation_tab:

@@ -41,8 +41,11 @@ def example(conditional_model_dir, tmp_path_factory):
     from d2dpm_app import common, story
 
     cache = tmp_path_factory.mktemp("shared_cache")
-    config = common.build_config(str(conditional_model_dir), 4, 8, FAST["steps"], 0.0, 3.0, None, 0, FAST["images"],
-                                 calib_samples=FAST["calibration"], backbone=BACKBONE)
+    from d2dpm.experiment import DEFAULT_METHODS, CompareConfig
+
+    config = CompareConfig(model=str(conditional_model_dir), w_bits=4, a_bits=8, steps=FAST["steps"], eta=0.0, guidance=3.0,
+                           methods=DEFAULT_METHODS, seed=0, num_images=FAST["images"], calib_samples=FAST["calibration"],
+                           backbone=BACKBONE)
     result = Workbench(cache_dir=cache, device="cpu").compare(config)
     folder = tmp_path_factory.mktemp("example")
     story.write_example(result, common.final_grid(result), run_title(result), folder)
