@@ -114,12 +114,13 @@ def _abs_difference(samples: torch.Tensor, reference: torch.Tensor) -> np.ndarra
     return diff.mean(1).numpy()
 
 
-def difference_scale(samples: dict[str, torch.Tensor], reference: str = "fp", floor: float = 0.02) -> float:
-    """One colour-scale maximum for every method's heat-maps (the 99th percentile of all differences)."""
-    values = [_abs_difference(batch, samples[reference]).ravel() for name, batch in samples.items() if name != reference]
-    if not values:
-        return floor
-    return max(float(np.percentile(np.concatenate(values), 99)), floor)
+HEAT_VMAX = 0.25  # |x − FP| (in [0, 1] image units) drawn darkest red: one scale for every run, so runs compare
+
+
+def difference_scale(samples: dict[str, torch.Tensor] | None = None, reference: str = "fp") -> float:
+    """The colour-scale maximum of every heat-map: fixed (HEAT_VMAX), so a heat-map means the same
+    thing from one run to the next (a scale fitted to each run made small errors look as red as large ones)."""
+    return HEAT_VMAX
 
 
 def difference_maps(samples: torch.Tensor, reference: torch.Tensor, vmax: float | None = None) -> np.ndarray:
@@ -297,7 +298,7 @@ def _assemble(rows: list[tuple[str, list[Image.Image], str | None]], column_titl
     if title:
         width = max(width, int(_font(16).getlength(_text(title, _font(16)))) + 2 * PADDING)
     if heat_vmax is not None:
-        width = max(width, 2 * PADDING + 130 + COLORBAR_WIDTH + 160)
+        width = max(width, 2 * PADDING + 130 + COLORBAR_WIDTH + 230)
     height = header + len(rows) * (tile_h + PADDING) + PADDING
     grid = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(grid)
@@ -312,7 +313,7 @@ def _assemble(rows: list[tuple[str, list[Image.Image], str | None]], column_titl
         ramp = heat_colormap(np.linspace(0, 1, COLORBAR_WIDTH))[None].repeat(12, axis=0)
         grid.paste(Image.fromarray(ramp), (x0, y))
         draw.rectangle((x0, y, x0 + COLORBAR_WIDTH - 1, y + 11), outline=(160, 160, 160))
-        _draw_text(draw, (x0 + COLORBAR_WIDTH + 6, y + 6), f"0 (same as FP) → {heat_vmax:.2f}", 12, anchor="lm")
+        _draw_text(draw, (x0 + COLORBAR_WIDTH + 6, y + 6), f"0 (same as FP) → ≥ {heat_vmax:.2f} of the range", 12, anchor="lm")
         y += 22
     if column_titles:
         for index, text in enumerate(column_titles[:columns]):
@@ -390,16 +391,33 @@ def sigma_prime_columns(table) -> list[tuple[str, str, str]]:
     return [(column, f"σ_t' (D-D², channel {name})", color) for column, name, color in zip(columns, names, colors)]
 
 
+def identity_steps(table) -> list[int]:
+    """0-based steps whose update leaves x unchanged (ᾱ_prev = ᾱ_t: k_t = 0 and σ_t = 0), the last
+    step t = 0 of the shipped schedules: a deviation of ε there cannot reach the sample."""
+    scale = float(table["k_t"].abs().max()) or 1.0
+    mask = (table["k_t"].abs() <= 1e-6 * scale) & (table["sigma_t"].abs() <= 1e-12)
+    return [int(s) for s in table.loc[mask, "step"]]
+
+
+def _bottom_legend(fig, height: int, bottom: int = 150, top: int = 90) -> None:
+    """Legend at the bottom of the figure, title above the panels: a legend between the title and the
+    panels covered the title as soon as the figure was narrower than the legend. Placed against the
+    figure's own bottom edge (yref container), so no resize of the plot area can move it onto a panel."""
+    fig.update_layout(legend=dict(orientation="h", yref="container", y=0.01, yanchor="bottom", x=0, xanchor="left"),
+                      margin=dict(l=64, r=20, t=top, b=bottom), height=height)
+
+
 def deviation_figure(stats_table, title: str | None = None):
     """Per-step curves of the noise model: μ_Δ, σ_Δ, σ_cond; ρ; σ_t vs D-D²'s σ_t'; k_t.
 
     σ_t' is the one D-D² applied in the run, at its granularity (one line per channel when
     channel-wise). Grey bands: steps where the residual variance could not be absorbed in full
-    (all of them at η = 0).
+    (all of them at η = 0). Hatched: identity steps (the last one, t = 0), whose deviation
+    cannot reach the sample.
     """
     go, make_subplots = _go()
     t = stats_table
-    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, vertical_spacing=0.14, horizontal_spacing=0.1,
+    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, vertical_spacing=0.16, horizontal_spacing=0.12,
                         subplot_titles=("quantization noise Δ: mean and spread", "correlation ρ(ε̂, Δ)",
                                         "step noise: σ_t and D-D²'s σ_t'", "k_t: gain of an ε error on x_prev"))
     custom = t[["t"]].to_numpy()
@@ -424,14 +442,29 @@ def deviation_figure(stats_table, title: str | None = None):
     if unabsorbed.any():
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="variance not absorbed (grey)",
                                  marker=dict(size=12, symbol="square", color="rgba(158,158,158,0.45)")), row=1, col=1)
+    identity = identity_steps(t)
+    for step in identity:
+        for row, col in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+            fig.add_vrect(x0=step + 0.5, x1=step + 1.5, fillcolor="rgba(0,114,178,0.07)", line=dict(color="#0072B2", width=1, dash="dot"),
+                          row=row, col=col)
+    if identity:
+        last = identity[-1]
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
+                                 name=f"step {last + 1} (t = {int(t['t'].iloc[last])}): identity, cannot affect the sample",
+                                 marker=dict(size=12, symbol="square-open", color="#0072B2")), row=1, col=1)
     if unabsorbed.all() and float(t["sigma_t"].abs().max()) == 0.0:
         fig.add_annotation(text="η = 0: σ_t = 0 at every step, so there is no step noise<br>to absorb the residual variance into",
-                           xref="x3 domain", yref="y3 domain", x=0.5, y=0.75, showarrow=False, font=dict(size=12, color="#555555"),
+                           xref="x3 domain", yref="y3 domain", x=0.5, y=0.5, showarrow=False, font=dict(size=12, color="#555555"),
                            bgcolor="rgba(255,255,255,0.8)")
     fig.update_xaxes(title_text="sampling step (1 = noisiest)", row=2, col=1)
     fig.update_xaxes(title_text="sampling step (1 = noisiest)", row=2, col=2)
-    fig.update_layout(**_LAYOUT, height=620, title=dict(text=title or "Per-step quantization noise", x=0, y=0.99))
-    fig.update_layout(margin=dict(l=60, r=20, t=130, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.08, x=0))
+    fig.update_yaxes(title_text="Δ (ε units)", row=1, col=1)
+    fig.update_yaxes(title_text="ρ", row=1, col=2)
+    fig.update_yaxes(title_text="σ (x units)", row=2, col=1)
+    fig.update_yaxes(title_text="k_t", row=2, col=2)
+    fig.update_layout(**_LAYOUT)
+    fig.update_layout(title=dict(text=title or "Per-step quantization noise", x=0, y=0.98, yanchor="top"))
+    _bottom_legend(fig, 760, bottom=170)
     return fig
 
 
@@ -500,54 +533,82 @@ def joint_density_figure(stats, step: int):
     return fig
 
 
-def _method_lines(fig, go, table, y: str, row: int | None = None, col: int | None = None, legend: bool = True, dash=None) -> None:
-    for method, group in table.groupby("method", sort=False):
+def _method_lines(fig, go, table, y: str, row: int | None = None, col: int | None = None, legend: bool = True, dash=None,
+                  x_offset: int = 1) -> None:
+    # FP is drawn last and the oracle dashed: the oracle's line lies on FP's and used to hide it.
+    order = [m for m in table["method"].unique() if m != "fp"] + (["fp"] if (table["method"] == "fp").any() else [])
+    for method in order:
+        group = table[table["method"] == method]
         kwargs = dict(row=row, col=col) if row is not None else {}
-        fig.add_trace(go.Scatter(x=group["step"] + 1, y=group[y], mode="lines+markers", name=method_label(method), legendgroup=method,
+        line = dict(color=method_color(method), width=2.5, dash=dash or ("dash" if method == "oracle" else None))
+        if method == "fp":
+            line.update(width=1.5)
+        fig.add_trace(go.Scatter(x=group["step"] + x_offset, y=group[y], mode="lines+markers", name=method_label(method), legendgroup=method,
                                  showlegend=legend, customdata=group[["t"]].to_numpy(),
                                  hovertemplate=method_label(method) + ": %{y:.4g}<br>step %{x} (t = %{customdata[0]})<extra></extra>",
-                                 line=dict(color=method_color(method), width=2.5, dash=dash), marker=dict(size=5)), **kwargs)
+                                 line=line, marker=dict(size=4 if method == "fp" else 5)), **kwargs)
 
 
-def trajectory_figure(trajectory, log_y: bool = True):
-    """RMSE to the FP trajectory per method and step: of x_t, and of the predicted x_0."""
+def trajectory_figure(trajectory, log_y: bool = True, title: str | None = None):
+    """RMSE to the FP trajectory per method and step: of x after each step (every method starts from
+    the same x_T, so before step 1 the distance is 0, which a log axis cannot show), and of the predicted x_0."""
     go, make_subplots = _go()
     table = trajectory[trajectory["method"] != "fp"]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                        subplot_titles=("RMSE of x_t to the FP trajectory", "RMSE of the predicted x₀ to FP's"))
-    _method_lines(fig, go, table, "rmse_xt", 1, 1)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("RMSE of x after each step to FP's", "RMSE of the predicted x₀ to FP's"))
+    _method_lines(fig, go, table, "rmse_x_prev", 1, 1)
     _method_lines(fig, go, table, "rmse_x0", 1, 2, legend=False)
     fig.update_xaxes(title_text="sampling step (1 = noisiest)")
-    if log_y and (table[["rmse_xt", "rmse_x0"]] > 0).any().all():
-        fig.update_yaxes(type="log", tickformat=".2~g")  # plain numbers (0.05, 0.1, …, 5) for students, not 5·10⁻²
-    fig.update_layout(**_LAYOUT, height=420)
-    fig.update_layout(margin=dict(l=60, r=20, t=100, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.12, x=0))
+    fig.update_yaxes(title_text="RMSE to FP", row=1, col=1)
+    fig.update_yaxes(title_text="RMSE to FP", row=1, col=2)
+    if log_y and (table[["rmse_x_prev", "rmse_x0"]] > 0).all().all():
+        # powers of ten with 2 and 5 between them, as plain numbers: never more labels than fit
+        fig.update_yaxes(type="log", dtick="D2", tickformat="~g")
+    fig.update_layout(**_LAYOUT)
+    fig.update_layout(title=dict(text=title or "Distance to the full-precision trajectory", x=0, y=0.98, yanchor="top"))
+    _bottom_legend(fig, 470)
     return fig
 
 
-def moments_figure(trajectory):
+def moments_figure(trajectory, title: str | None = None):
     """Mean and standard deviation of x_t per method and step (a mean shift shows as a drifting
     mean; excess variance as a std that stays above FP's)."""
     go, make_subplots = _go()
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=("mean of x_t", "std of x_t"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=("mean of x_t", "std of x_t"))
     _method_lines(fig, go, trajectory, "mean_xt", 1, 1)
     _method_lines(fig, go, trajectory, "std_xt", 1, 2, legend=False)
     fig.update_xaxes(title_text="sampling step (1 = noisiest)")
-    fig.update_layout(**_LAYOUT, height=380)
-    fig.update_layout(margin=dict(l=60, r=20, t=100, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.12, x=0))
+    fig.update_yaxes(title_text="mean", row=1, col=1)
+    fig.update_yaxes(title_text="std", row=1, col=2)
+    fig.update_layout(**_LAYOUT)
+    fig.update_layout(title=dict(text=title or "Mean and spread of x_t", x=0, y=0.98, yanchor="top"))
+    _bottom_legend(fig, 450)
     return fig
 
 
-def metrics_figure(metrics):
-    """PSNR to FP per method (bars, ± std over images): higher is closer to the FP samples."""
+def metrics_figure(metrics, kind: str = "image"):
+    """Distance of each method's final samples to FP's: PSNR (bars, ± std over images; higher is
+    closer) for images, MSE (lower is closer) for points. A bar far above the others (the oracle's
+    ~90 dB) is cut at the top with its value written on it, so the others stay readable."""
     go, _ = _go()
     table = metrics[metrics["method"] != "fp"]
-    fig = go.Figure(go.Bar(x=[method_label(m) for m in table["method"]], y=table["psnr_to_fp"],
-                           error_y=dict(type="data", array=table["psnr_std"], visible=True),
+    points = kind == "points"
+    column = "mse_to_fp" if points else "psnr_to_fp"
+    values = table[column].astype(float).to_numpy()
+    others = [v for m, v in zip(table["method"], values) if m != "oracle" and np.isfinite(v)]
+    top = max(others) * 1.25 if others and max(others) > 0 else None
+    shown = [min(v, top) if top is not None and m == "oracle" else v for m, v in zip(table["method"], values)]
+    unit = "" if points else " dB"
+    text = [f"{v:.3g}{unit}" + (" ↑" if top is not None and m == "oracle" and v > top else "") for m, v in zip(table["method"], values)]
+    fig = go.Figure(go.Bar(x=[method_label(m) for m in table["method"]], y=shown, text=text, textposition="inside",
+                           error_y=None if points else dict(type="data", array=table["psnr_std"], visible=True),
                            marker_color=[method_color(m) for m in table["method"]],
-                           hovertemplate="%{x}: %{y:.2f} dB<extra></extra>"))
-    fig.update_layout(**_LAYOUT, height=320, title=dict(text="PSNR to FP (higher = closer)", x=0),
-                      yaxis_title="dB", showlegend=False)
+                           hovertemplate="%{x}: %{text}<extra></extra>"))
+    fig.update_layout(**_LAYOUT, height=320, showlegend=False,
+                      title=dict(text="MSE to FP (lower = closer)" if points else "PSNR to FP (higher = closer)", x=0),
+                      yaxis_title="MSE" if points else "dB")
+    if top is not None and (np.asarray(values) > top).any():
+        fig.update_yaxes(range=[0, top])
     return fig
 
 
@@ -564,58 +625,76 @@ def _toy_density_grid(extent: float, n: int = 120):
     return axis, density
 
 
-def particles_figure(result, max_particles: int = 64, extent: float | None = None):
-    """toy2d: the particles of every method moving over the data density, with their paths
-    (a plotly animation: one frame per step; press play or drag the slider)."""
+HIGHLIGHTED_PATHS = 3  # trajectories drawn per method in the toy2d view unless all are asked for
+MAX_PATHS = 256
+MAX_MOVING_POINTS = 600  # points per method that move in the animation (the rest only as end points)
+
+
+def particles_figure(result, paths: int | None = HIGHLIGHTED_PATHS, extent: float | None = None):
+    """toy2d in the style of Diffusion Explorer: the known data density as filled contours, where
+    each method's samples ended, and a handful of highlighted trajectories (`paths`; None for all,
+    up to MAX_PATHS). A plotly animation: one frame per step (press play or drag the slider)."""
     go, _ = _go()
     methods = list(result.records[0].keys())
     steps = len(result.records)
-    n = min(max_particles, result.records[0][methods[0]].x_t.shape[0])
-    # paths[method]: [steps + 1, n, 2] from x_T to the final sample
-    paths = {}
+    total = result.records[0][methods[0]].x_t.shape[0]
+    n_moving = min(total, MAX_MOVING_POINTS)
+    n_paths = min(total, MAX_PATHS if paths is None else max(int(paths), 0))
+    states = {}
     for m in methods:
-        states = [r[m].x_t[:n] for r in result.records] + [result.records[-1][m].x_prev[:n]]
-        paths[m] = torch.stack(states).detach().float().cpu().numpy()
+        seq = [r[m].x_t[:n_moving] for r in result.records] + [result.records[-1][m].x_prev[:n_moving]]
+        states[m] = torch.stack(seq).detach().float().cpu().numpy()  # [steps + 1, n, 2]
     if extent is None:
-        finals = np.concatenate([p[-1] for p in paths.values()])
-        extent = float(min(max(np.abs(finals).max() * 1.15, 2.5), 6.0))
+        finals = np.concatenate([p[-1] for p in states.values()])
+        finite = finals[np.isfinite(finals).all(1)]
+        extent = float(min(max(np.percentile(np.abs(finite), 99) * 1.15, 2.5), 6.0)) if len(finite) else 3.0
     fig = go.Figure()
     density = _toy_density_grid(extent)
     if density is not None:
         axis, values = density
-        fig.add_trace(go.Contour(x=axis, y=axis, z=values, colorscale="Greys", showscale=False, opacity=0.55,
-                                 contours=dict(coloring="fill", showlines=False), hoverinfo="skip", name="data density"))
+        # log density over the 6 nats below its peak: the ring and spiral are thin, a linear scale hid them
+        log_density = np.log(np.maximum(values.astype(np.float64), 1e-300))
+        peak = float(log_density.max())
+        fig.add_trace(go.Contour(x=axis, y=axis, z=np.maximum(log_density, peak - 6.0), colorscale=[[0, "#FFFFFF"], [0.3, "#DCE6F2"], [1, "#7FA6D1"]],
+                                 showscale=False, contours=dict(coloring="fill", showlines=True, start=peak - 5.0, end=peak, size=1.0),
+                                 line=dict(width=0.5, color="#A9BFD6"), hoverinfo="skip", name="data density (known)",
+                                 showlegend=True))
     background = len(fig.data)
+    marker_size = 4 if n_moving > 256 else 6
 
     def traces(k: int):
         out = []
         for m in methods:
-            p = paths[m][: k + 1]
+            color = method_color(m)
+            p = states[m][: k + 1]
             xs, ys = [], []
-            for i in range(n):
+            for i in range(n_paths):
                 xs += list(p[:, i, 0]) + [None]
                 ys += list(p[:, i, 1]) + [None]
-            color = method_color(m)
-            out.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1), opacity=0.35,
-                                  legendgroup=m, showlegend=False, hoverinfo="skip"))
+            out.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1.2 if paths is not None else 0.6),
+                                  opacity=0.75 if paths is not None else 0.3, legendgroup=m, showlegend=False, hoverinfo="skip"))
             out.append(go.Scatter(x=p[-1, :, 0], y=p[-1, :, 1], mode="markers", name=method_label(m), legendgroup=m,
-                                  marker=dict(color=color, size=7, line=dict(color="white", width=0.5))))
+                                  marker=dict(color=color, size=marker_size, opacity=0.75, line=dict(width=0)),
+                                  hovertemplate=method_label(m) + ": (%{x:.2f}, %{y:.2f})<extra></extra>"))
         return out
 
     for trace in traces(steps):
         fig.add_trace(trace)
     animated = list(range(background, len(fig.data)))
-    frames = [go.Frame(data=traces(k), traces=animated, name=str(k)) for k in range(steps + 1)]
-    fig.frames = frames
-    slider = dict(active=steps, currentvalue=dict(prefix="step "), pad=dict(t=40),
+    fig.frames = [go.Frame(data=traces(k), traces=animated, name=str(k)) for k in range(steps + 1)]
+    slider = dict(active=steps, currentvalue=dict(prefix="after step "), pad=dict(t=50),
                   steps=[dict(label=str(k), method="animate", args=[[str(k)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
                          for k in range(steps + 1)])
-    fig.update_layout(**_LAYOUT, height=560, sliders=[slider],
-                      updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.08, xanchor="left", yanchor="top",
+    shown = "all trajectories" if paths is None else f"{n_paths} highlighted trajectories per method"
+    fig.update_layout(**_LAYOUT)
+    fig.update_layout(height=620, sliders=[slider],
+                      updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.1, xanchor="left", yanchor="top",
                                         buttons=[dict(label="▶ play", method="animate",
                                                       args=[[str(k) for k in range(steps + 1)], dict(frame=dict(duration=250, redraw=True), fromcurrent=False, transition=dict(duration=0))])])],
-                      title=dict(text="Particles from the same noise, step by step", x=0))
+                      title=dict(text=f"Where each method's points end, over the known density ({shown}; "
+                                      "click a legend entry to hide a method)", x=0, font=dict(size=14)),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0),
+                      margin=dict(l=60, r=20, t=110, b=130))
     fig.update_xaxes(range=[-extent, extent], constrain="domain", title_text="x₁")
     fig.update_yaxes(range=[-extent, extent], scaleanchor="x", title_text="x₂")
-    fig.update_layout(margin=dict(l=60, r=20, t=100, b=120))
     return fig

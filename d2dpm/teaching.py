@@ -151,8 +151,10 @@ The **variance** half of D-D² never helped: the mean-corrected output $E' = \\m
 - Y. He et al. *PTQD: Accurate Post-Training Quantization for Diffusion Models.* NeurIPS 2023. [arXiv 2305.10657]({PTQD_URL})
 - J. Song, C. Meng, S. Ermon. *Denoising Diffusion Implicit Models.* ICLR 2021 (the DDIM step and η).
 
-Differences from the paper in this demo: small models trained here instead of LDM-4 ImageNet; simple uniform
-min-MSE quantizers instead of BRECQ/AdaRound; the conditional mean $\\mu_{{\\text{{cond}}}}(\\hat\\epsilon)$ of the paper's
+Differences from the paper in this demo: small models trained here instead of LDM-4 ImageNet; a choice of PTQ
+backbone (plain rounding, per-layer bias correction, or AdaRound's learned rounding) instead of BRECQ with AdaRound;
+the backbone removes the static offset of quantization once, and D²-DPM and PTQD model the deviation left at each step;
+the conditional mean $\\mu_{{\\text{{cond}}}}(\\hat\\epsilon)$ of the paper's
 Algorithm 1 and code (not the unconditional $\\mu_\\Delta$ of its Eq. 15).
 """
 

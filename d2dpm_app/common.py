@@ -13,6 +13,7 @@ files are removed when it ends. Visitors see one-line messages, never exception 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +41,8 @@ from d2dpm.quant import BACKBONES
 
 log = logging.getLogger(__name__)
 
+from . import story
+
 DEFAULT_MODEL = os.environ.get("D2DPM_APP_MODEL", "emoji")
 # The embedded models, then those the operator allows (D2DPM_EXTRA_MODELS); nothing else loads in the apps.
 MODEL_CHOICES = list(dict.fromkeys([*EMBEDDED_MODELS, *extra_models()]))
@@ -48,8 +52,14 @@ BACKBONE_CHOICES = list(BACKBONES)
 DEFAULT_BACKBONE = os.environ.get("D2DPM_APP_BACKBONE", CORE_DEFAULT_BACKBONE)  # the core's: bias-correction ships for every default view
 PRESETS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A6": (4, 6)}
 DEFAULT_PRESET = "W4A8"
+CUSTOM_PRESET = "custom"
 MODES = {"S-D²": "stochastic", "D-D²": "deterministic"}
 ALL_CLASSES = "all classes (one image each, cycling)"
+BACKBONE_INFO = ("how the quantized network is made; it removes quantization's static offset once, "
+                 "D²-DPM and PTQD then model the deviation left at each step (AdaRound only where its statistics are ready)")
+BACKBONE_HELP = ("PTQ backbone: how the quantized network is made. It removes the static offset of quantization once "
+                 "(rtn: plain rounding; bias-correction: per-layer mean error removed; adaround: learned rounding); "
+                 "D²-DPM and PTQD then model the deviation left at each step.")
 
 # The CPU budget: images × method rows × steps ("image-steps"). Each image-step is one image
 # through one network at one step; the default comparison (8 images, 5 rows, 20 steps) is 800.
@@ -133,6 +143,17 @@ def describe_model(spec: str) -> ModelSummary:
     cond = f", class-conditional ({model.num_classes} classes)" if model.conditional else ", unconditional"
     return ModelSummary(spec, True, model.kind, model.conditional, names, tuple(model.sample_shape),
                         message=f"**{model.name}**: {what}{cond}")
+
+
+def preset_for_bits(w_bits, a_bits) -> str:
+    """The preset these bit-widths are, or CUSTOM_PRESET."""
+    for name, bits in PRESETS.items():
+        try:
+            if bits == (int(w_bits), int(a_bits)):
+                return name
+        except (TypeError, ValueError):
+            break
+    return CUSTOM_PRESET
 
 
 def parse_class(choice, conditional: bool) -> int | None:
@@ -362,6 +383,19 @@ def _int_or_raw(value):
 
 # -- what a run shows
 
+GUIDE = """**What to look at**, in this order:
+1. **Compare**: the quantized row against FP (a colour shift is the *mean* deviation, grain the *variance*), then each correction's |x − FP| row: whiter is closer to full precision.
+2. **Deviation curves**: how big the quantization noise Δ is at each step (μ_Δ, σ_Δ) and how much of it the quantized output predicts (ρ).
+3. **Trajectories**: the step where each method's path leaves FP's, and each method's predicted x₀ at any step.
+4. **Method**: the equations, and five "predict, then toggle" exercises."""
+
+DEVIATION_INTRO = ("How big the quantization noise Δ is at each step, how correlated with the quantized output ε̂, and how much of "
+                   "it D-D² can absorb (grey: steps where it cannot, all of them at η = 0). The last step (t = 0) is an identity "
+                   "for the shipped schedules: its deviation cannot reach the sample.")
+PROMPT = ("**No comparison yet.** This view needs a run: press **Run comparison** (here, or on the Compare page) "
+          "and it fills in. The Compare page shows a precomputed example meanwhile.")
+TRAJECTORIES_INTRO = "Distance of each method's sampling trajectory to the full-precision one, step by step."
+
 SOURCE_TEXT = {
     "shipped": "shipped statistics (precomputed, instant)",
     "cache": "statistics from this server's cache",
@@ -385,13 +419,16 @@ def step_grid(result: ComparisonResult, step: int):
 
 
 METRIC_COLUMNS = ["method", "bits", "PSNR to FP (dB)", "MSE to FP", "size (MB)", "GBOPs", "compression ×", "BOP ratio ×"]
+POINT_METRIC_COLUMNS = [c for c in METRIC_COLUMNS if c != "PSNR to FP (dB)"]  # PSNR means nothing for 2-D points
 
 
-def metrics_display(metrics: pd.DataFrame | None) -> pd.DataFrame:
-    """The metrics table as students read it: rounded, named columns, FP's PSNR as '—' (empty before a run)."""
+def metrics_display(metrics: pd.DataFrame | None, kind: str = "image") -> pd.DataFrame:
+    """The metrics table as students read it: rounded, named columns, FP's PSNR as '—' (empty before a run).
+    Point models have no PSNR column (their distance to FP is the MSE, in data units)."""
+    columns = POINT_METRIC_COLUMNS if kind == "points" else METRIC_COLUMNS
     rows = []
     if metrics is None:
-        return pd.DataFrame(columns=METRIC_COLUMNS)
+        return pd.DataFrame(columns=columns)
     for _, r in metrics.iterrows():
         fp = r["method"] == "fp"
         psnr = "—" if fp or not math.isfinite(r["psnr_to_fp"]) else f"{r['psnr_to_fp']:.2f} ± {r['psnr_std']:.2f}"
@@ -405,7 +442,7 @@ def metrics_display(metrics: pd.DataFrame | None) -> pd.DataFrame:
             "compression ×": f"{r['compression']:.2f}",
             "BOP ratio ×": f"{r['bop_ratio']:.2f}",
         })
-    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS)[columns]
 
 
 def efficiency_line(result: ComparisonResult) -> str:
@@ -414,23 +451,86 @@ def efficiency_line(result: ComparisonResult) -> str:
             f"BOPs {e['fp_gbops']:.4g} → {e['q_gbops']:.4g} G per network evaluation ({e['bop_ratio']:.1f}× fewer).")
 
 
-def summary_markdown(result: ComparisonResult, seconds: float | None = None) -> str:
-    best = result.metrics[result.metrics["method"] != "fp"].sort_values("psnr_to_fp", ascending=False)
-    lines = [f"**{run_title(result)}**, {SOURCE_TEXT.get(result.stats_source, 'statistics from ' + str(result.stats_source))}"
-             + (f", {seconds:.1f} s." if seconds is not None else ".")]
-    if len(best) and result.model.kind == "image":
-        top = best.iloc[0]
-        q = result.metrics[result.metrics["method"] == "q"]
-        if len(q):
-            lines.append(f"Closest to FP: **{top['label']}** ({top['psnr_to_fp']:.2f} dB) vs the uncorrected quantized model "
-                         f"({float(q['psnr_to_fp'].iloc[0]):.2f} dB).")
-    lines.append(efficiency_line(result))
+def summary_markdown(result: ComparisonResult, seconds: float | None = None, cached: bool = False) -> str:
+    """The lines under a result: what ran (and how long it took, or that it came from the cache of
+    finished runs), the interpretation of its numbers, and the efficiency line."""
+    if cached:
+        timing = f", returned from the cache of finished runs in {seconds:.2f} s." if seconds is not None else ", from the cache of finished runs."
+    else:
+        timing = f", {seconds:.1f} s." if seconds is not None else "."
+    lines = [f"**{run_title(result)}**, backbone {result.config.backbone}, "
+             f"{SOURCE_TEXT.get(result.stats_source, 'statistics from ' + str(result.stats_source))}" + timing,
+             story.interpretation(story.story_numbers(result)),
+             efficiency_line(result)]
     return "  \n".join(lines)
+
+
+DOWNLOAD_NAMES = ("grid.png", "metrics.csv", "per_image.csv", "trajectory.csv", "stats.csv", "run.json")
+DOWNLOAD_TYPES = {".png": "image/png", ".csv": "text/csv", ".json": "application/json"}
 
 
 def write_downloads(result: ComparisonResult, folder: Path) -> list[Path]:
     """The grid PNG (with its difference rows) and the per-step tables as CSV: the files and names of `d2dpm compare --out`."""
     return write_outputs(result, folder, differences=True)
+
+
+def download_payloads(result: ComparisonResult, grid=None) -> list[tuple[str, bytes, str]]:
+    """(file name, bytes, MIME type) of every download, in memory: the same files, names and contents
+    as `write_downloads` (Streamlit serves bytes, Gradio serves files)."""
+    import io
+
+    grid = grid if grid is not None else final_grid(result)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    contents = {
+        "grid.png": buffer.getvalue(),
+        "metrics.csv": result.metrics.to_csv(index=False).encode(),
+        "per_image.csv": result.per_image.to_csv(index=False).encode(),
+        "trajectory.csv": result.trajectory.to_csv(index=False).encode(),
+        "stats.csv": result.stats_table.to_csv(index=False).encode(),
+        "run.json": json.dumps(result.run_info(), indent=2).encode(),
+    }
+    return [(name, contents[name], DOWNLOAD_TYPES[Path(name).suffix]) for name in DOWNLOAD_NAMES]
+
+
+class ResultStore:
+    """Finished comparisons keyed by their full configuration, shared by every visitor of one server
+    (results are read-only once made), so an identical run returns at once. Thread-safe, LRU."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.lock, self.items = size, threading.Lock(), OrderedDict()
+
+    def get(self, config: CompareConfig) -> ComparisonResult | None:
+        with self.lock:
+            if config in self.items:
+                self.items.move_to_end(config)
+                return self.items[config]
+            return None
+
+    def put(self, config: CompareConfig, result: ComparisonResult) -> None:
+        with self.lock:
+            self.items[config] = result
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+def rows_note(mean: bool, variance: bool, modes) -> str:
+    """Why a D² row the visitor may expect is missing ('' when every chosen row is there)."""
+    if not mean and not variance:
+        return "Mean and variance correction are both off, so there is no D² row (nothing left to correct)."
+    if not modes:
+        return "No mode (S-D² or D-D²) is chosen, so there is no D² row."
+    if not variance and len(modes) > 1:
+        return "With the variance correction off, S-D² and D-D² are the same: one 'D² mean only' row."
+    return ""
+
+
+def samples_caption(kind: str) -> str:
+    if kind == "points":
+        return ("One panel per method, all from the same noise: each method's points in its colour, FP's points in grey "
+                "behind them (closer to grey = closer to full precision).")
+    return ("Rows: FP | quantized | corrections, all from the same noise. Under each row, the heat-map of |x − FP| "
+            "(white = identical to full precision, on one fixed scale for every run).")
 
 
 def step_caption(result: ComparisonResult, step: int) -> str:

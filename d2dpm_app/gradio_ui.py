@@ -1,8 +1,10 @@
 """The Gradio app: four tabs (Compare, Deviation curves, Trajectories, Method) over one comparison.
 
 Every event has an `api_name`, so `gradio_client` can drive the whole flow:
-`/model_info`, `/preset`, `/validate`, `/compare` (streams predicted x₀, then the results), `/views`,
-`/deviation_step`, `/trajectory_step`. Bad input raises `gr.Error` with the core's message.
+`/model_info`, `/preset`, `/bits`, `/rows_note`, `/validate`, `/compare` (streams predicted x₀, then the
+results; an identical configuration returns from the cache of finished runs), `/views`,
+`/deviation_step`, `/trajectory_step`, `/particles`. Bad input raises `gr.Error` with the core's message.
+Before any run the Compare tab shows the shipped example (`assets/example`, see d2dpm_app.story).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import gradio as gr
 from d2dpm import figures, teaching
 from d2dpm.experiment import ComparisonResult, CompareProgress, default_workbench
 
-from . import common
+from . import common, story
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +27,25 @@ MAX_UPLOAD = "64kb"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
 CSS = """
-.gradio-container {max-width: 1400px !important; margin: auto;}
-#title h1 {margin-bottom: 0.1em;}
+.gradio-container {max-width: min(1400px, 100vw) !important; min-width: 0 !important; margin: auto;}  /* never wider than the screen: as a flex item it grew to its widest image */
+#title h1 {margin-bottom: 0.1em; font-size: 1.7em;}
 #title p {color: var(--body-text-color-subdued); margin-top: 0;}
 #run-button {font-size: 1.1em;}
-#samples img {image-rendering: pixelated;}
-#x0-step img {image-rendering: pixelated;}
+/* The grid PNG is drawn at its own pixel size and only ever scaled down here: smooth scaling keeps
+   its text labels legible (pixelated downscaling dropped strokes from them). */
+#samples img, #x0-step img {image-rendering: auto; max-width: 100%; height: auto; object-fit: contain;}
 .method-chip {display: inline-block; padding: 1px 8px; margin: 2px 4px 2px 0; border-radius: 10px; color: white; font-size: 0.85em;}
+.prompt {padding: 12px 16px; border-radius: 8px; background: var(--block-background-fill); border: 1px dashed var(--border-color-primary);}
 footer {display: none !important;}
+/* Phones: one column, nothing wider than the screen (tables scroll inside their own box). Gradio
+   prefixes the selectors inside a media query with its container, so they name inner elements only. */
+@media (max-width: 700px) {
+  .column {flex: 1 1 100% !important; min-width: 100% !important; max-width: 100% !important;}
+  .block {min-width: 0 !important; max-width: 100% !important;}
+  #title h1 {font-size: 1.3em;}
+  #metrics, #metrics .table-wrap {max-width: 100%; overflow-x: auto;}
+  .js-plotly-plot, .plot-container {max-width: 100% !important;}
+}
 """
 
 
@@ -66,10 +79,26 @@ def model_info(spec: str):
 
 
 def preset_bits(preset: str):
+    """Preset chosen: set the bit sliders (a 'custom' choice leaves them as they are)."""
     if preset in common.PRESETS:
         w, a = common.PRESETS[preset]
         return gr.Slider(value=w), gr.Slider(value=a)
     return gr.Slider(), gr.Slider()
+
+
+def bits_preset(w_bits, a_bits):
+    """A bit slider moved: the preset radio names the preset these bits are, or 'custom' (it never goes stale)."""
+    return gr.Radio(value=common.preset_for_bits(w_bits, a_bits))
+
+
+def rows_note(mean, variance, modes):
+    note = common.rows_note(bool(mean), bool(variance), modes or [])
+    return gr.Markdown(value=f"ⓘ {note}" if note else "", visible=bool(note))
+
+
+def _visitor_error(error: BaseException) -> gr.Error:
+    title, message = common.visitor_message(error)
+    return gr.Error(message, title=title, duration=8)
 
 
 def validate(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
@@ -80,13 +109,23 @@ def validate(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, nu
         common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                         mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
     except Exception as error:
-        title, message = common.visitor_message(error)
-        raise gr.Error(message, title=title) from None
+        raise _visitor_error(error) from None
+
+
+# Finished comparisons, shared by every visitor of this server: an identical run returns at once.
+RESULTS = common.ResultStore(16)
+
+
+def _final_outputs(result: ComparisonResult, seconds: float, cached: bool, folder):
+    files = [str(p) for p in common.write_downloads(result, folder)]
+    return (common.final_grid(result), common.summary_markdown(result, seconds, cached=cached),
+            common.metrics_display(result.metrics, result.model.kind), files, result)
 
 
 def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                 mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone=None, progress=gr.Progress()):
-    """Stream the calibration's progress and the predicted x₀ of every method after each step, then the results.
+    """Stream the calibration's progress and the predicted x₀ of every method after each step, then the
+    results (at once when the same configuration ran before on this server).
 
     Outputs: samples image, summary markdown, metrics table, downloads, state. Stopping the event
     (the Stop button, or a visitor who leaves) closes this generator, which stops the run at its next step.
@@ -96,8 +135,13 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
     try:
         plan = common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                                mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
-        kind = common.describe_model(plan.config.model).kind
         start = time.perf_counter()
+        cached = RESULTS.get(plan.config)
+        if cached is not None:
+            folder = common.new_request_folder()  # Gradio copies the files into its cache; ours go when the event ends
+            yield _final_outputs(cached, time.perf_counter() - start, True, folder)
+            return
+        kind = common.describe_model(plan.config.model).kind
         result = None
         stream = common.stream_run(plan)
         for event in stream:
@@ -111,43 +155,51 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
             else:
                 result = event
         assert isinstance(result, ComparisonResult)
-        seconds = time.perf_counter() - start
-        folder = common.new_request_folder()  # Gradio copies the files into its cache; ours go when the event ends
-        files = [str(p) for p in common.write_downloads(result, folder)]
-        yield (common.final_grid(result), common.summary_markdown(result, seconds), common.metrics_display(result.metrics),
-               files, result)
+        RESULTS.put(plan.config, result)
+        folder = common.new_request_folder()
+        yield _final_outputs(result, time.perf_counter() - start, False, folder)
     except gr.Error:
         raise
     except Exception as error:  # keep serving: one line for the visitor, the trace in the operator's log
-        title, message = common.visitor_message(error)
-        raise gr.Error(message, title=title) from None
+        raise _visitor_error(error) from None
     finally:
         if stream is not None:
             stream.close()
         common.remove_request_folder(folder)
 
 
-def refresh_views(result: ComparisonResult | None):
-    """After a run: the Deviation curves and Trajectories tabs (figures, sliders, step views)."""
+VIEW_COUNT = 17
+
+
+def refresh_views(result: ComparisonResult | None, all_paths: bool = False):
+    """After a run: the Deviation curves and Trajectories tabs (figures, sliders, step views), their
+    'no comparison yet' prompts hidden, the PSNR (or, for points, MSE) chart and the samples caption."""
     if result is None:
-        return (gr.skip(),) * 12
+        return (gr.skip(),) * VIEW_COUNT
     steps = len(result.records)
     mid = steps // 2
     last = steps - 1
     points = result.model.kind == "points"
+    title = common.run_title(result)
     return (
-        figures.deviation_figure(result.stats_table, title=f"Per-step quantization noise: {common.run_title(result)}"),
+        figures.deviation_figure(result.stats_table, title=f"Per-step quantization noise: {title}"),
         gr.Slider(minimum=1, maximum=steps, value=mid + 1, step=1, interactive=True),
         figures.delta_histogram_figure(result.stats, mid),
         figures.joint_density_figure(result.stats, mid),
         common.stats_caption(result, mid),
-        figures.trajectory_figure(result.trajectory),
+        figures.trajectory_figure(result.trajectory, title=f"Distance to the full-precision trajectory: {title}"),
         figures.moments_figure(result.trajectory),
         gr.Slider(minimum=1, maximum=steps, value=steps, step=1, interactive=True),
         common.step_grid(result, last),
         common.step_caption(result, last),
-        gr.Plot(value=figures.particles_figure(result) if points else None, visible=points),
-        gr.Plot(value=figures.metrics_figure(result.metrics) if not points else None, visible=not points),
+        gr.Plot(value=figures.particles_figure(result, paths=None if all_paths else figures.HIGHLIGHTED_PATHS) if points else None,
+                visible=points),
+        gr.Plot(value=figures.metrics_figure(result.metrics, result.model.kind), visible=True),
+        gr.Column(visible=False),  # the Deviation curves prompt
+        gr.Column(visible=True),  # the Deviation curves views
+        gr.Column(visible=False),  # the Trajectories prompt
+        gr.Column(visible=True),  # the Trajectories views
+        gr.Checkbox(visible=points),  # toy2d: every trajectory
     )
 
 
@@ -155,54 +207,95 @@ def _step_index(result: ComparisonResult, step) -> int:
     try:
         step = int(step)
     except (TypeError, ValueError):
-        raise gr.Error(f"step: got {step!r}; allowed: an integer from 1 to {len(result.records)}") from None
+        raise gr.Error(f"Step: got {step!r}; allowed: a whole number from 1 to {len(result.records)}") from None
     if not 1 <= step <= len(result.records):
-        raise gr.Error(f"step: got {step}; allowed: an integer from 1 to {len(result.records)}")
+        raise gr.Error(f"Step: got {step}; allowed: a whole number from 1 to {len(result.records)}")
     return step - 1
+
+
+# A new run closes the messages of earlier ones (they piled up while their 8 s ran).
+CLEAR_TOASTS_JS = "() => { document.querySelectorAll('.toast-close').forEach(button => button.click()); }"
+RESIZE_JS = "() => { for (const wait of [50, 300]) setTimeout(() => window.dispatchEvent(new Event('resize')), wait); }"
+
+NO_RUN = "Run a comparison first (Compare tab)."
 
 
 def deviation_step(result: ComparisonResult | None, step):
     if result is None:
-        raise gr.Error("Run a comparison first (Compare tab).")
+        raise gr.Error(NO_RUN)
     index = _step_index(result, step)
     return figures.delta_histogram_figure(result.stats, index), figures.joint_density_figure(result.stats, index), common.stats_caption(result, index)
 
 
 def trajectory_step(result: ComparisonResult | None, step):
     if result is None:
-        raise gr.Error("Run a comparison first (Compare tab).")
+        raise gr.Error(NO_RUN)
     index = _step_index(result, step)
     return common.step_grid(result, index), common.step_caption(result, index)
 
 
+def particles(result: ComparisonResult | None, all_paths: bool):
+    """toy2d: redraw the particles with a handful of highlighted trajectories, or all of them."""
+    if result is None or result.model.kind != "points":
+        return gr.skip()
+    return figures.particles_figure(result, paths=None if all_paths else figures.HIGHLIGHTED_PATHS)
+
+
+def samples_caption(model: str):
+    return common.samples_caption(common.describe_model(model).kind)
+
+
 # -- layout
+
+PROMPT = common.PROMPT
+
+
+def _landing():
+    """What the Compare tab shows before any click: the shipped example and its interpretation."""
+    example = story.load_example()
+    if example is None:
+        return None, ("Press **Run comparison**. Every row starts from the same noise. (No precomputed example is installed: "
+                      "`python scripts/make_example.py` makes one.)"), common.metrics_display(None)
+    try:
+        default = common.build_config(common.DEFAULT_MODEL, *common.PRESETS[common.DEFAULT_PRESET], 20, 0.0, 3.0, None, 0, 8)
+    except Exception:  # no default run possible (e.g. its statistics not ready): the note just names the example
+        default = None
+    text = f"{story.example_note(example, default)}  \n{example.text()}"
+    return example.grid, text, common.metrics_display(example.metrics, example.numbers.get("kind", "image"))
+
 
 def build_demo() -> gr.Blocks:
     # No usage analytics: the app sends nothing anywhere (and must run with no network at all).
+    grid0, summary0, metrics0 = _landing()
     # delete_cache: Gradio's copies of each run's images and downloads go after CACHE_SECONDS.
     with gr.Blocks(title="D²-DPM: quantized diffusion, repaired", analytics_enabled=False,
                    delete_cache=(CACHE_SECONDS // 4, CACHE_SECONDS)) as demo:
         state = gr.State(None)
         gr.Markdown(
             "# D²-DPM: what quantization does to diffusion sampling, and how dual denoising repairs it\n"
-            "Quantize a diffusion model's noise predictor to a few bits, sample from the *same* noise with full precision, "
-            "the quantized model and each correction, and watch where the trajectories part. "
+            "The same noise goes through a full-precision (FP) model, its few-bit quantized copy and each correction; "
+            "the rows show where they part. "
             f"[Paper]({common.PAPER_URL}) · [official code]({common.CODE_URL})",
             elem_id="title",
         )
         with gr.Tabs():
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 with gr.Row(equal_height=False):
-                    with gr.Column(scale=1, min_width=340):
+                    with gr.Column(scale=1, min_width=300):
                         model = gr.Dropdown(common.MODEL_CHOICES, value=common.DEFAULT_MODEL, allow_custom_value=True, label="Model",
                                             info="emoji, fashion, toy2d, or a diffusers model folder / hub id", elem_id="model")
                         model_msg = gr.Markdown(elem_id="model-info")
+                        with gr.Row():
+                            run = gr.Button("Run comparison", variant="primary", elem_id="run-button", scale=3)
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
                         with gr.Group():
-                            preset = gr.Radio(list(common.PRESETS), value=common.DEFAULT_PRESET, label="Bit-width preset",
-                                              info="weights / activations; or set any W2–8 / A4–8 below")
+                            preset = gr.Radio([*common.PRESETS, common.CUSTOM_PRESET], value=common.DEFAULT_PRESET, label="Bit-width preset",
+                                              info="weights / activations; or move the sliders for any W2–8 / A4–8", elem_id="preset")
                             with gr.Row():
-                                w_bits = gr.Slider(2, 8, value=common.PRESETS[common.DEFAULT_PRESET][0], step=1, label="Weight bits")
-                                a_bits = gr.Slider(4, 8, value=common.PRESETS[common.DEFAULT_PRESET][1], step=1, label="Activation bits")
+                                w_bits = gr.Slider(2, 8, value=common.PRESETS[common.DEFAULT_PRESET][0], step=1, label="Weight bits", elem_id="w-bits")
+                                a_bits = gr.Slider(4, 8, value=common.PRESETS[common.DEFAULT_PRESET][1], step=1, label="Activation bits", elem_id="a-bits")
+                            backbone = gr.Radio(common.BACKBONE_CHOICES, value=common.DEFAULT_BACKBONE, label="PTQ backbone",
+                                                info=common.BACKBONE_INFO, elem_id="backbone")
                         with gr.Group():
                             with gr.Row():
                                 steps = gr.Slider(1, common.MAX_UI_STEPS, value=20, step=1, label="DDIM steps", elem_id="steps")
@@ -221,6 +314,7 @@ def build_demo() -> gr.Blocks:
                                 variance = gr.Checkbox(True, label="Variance correction", info="remove σ_cond")
                             modes = gr.CheckboxGroup(list(common.MODES), value=list(common.MODES), label="Mode",
                                                      info="S-D²: subtract a noise draw · D-D²: absorb into σ_t'")
+                            note = gr.Markdown(visible=False, elem_id="rows-note")
                             with gr.Row():
                                 ptqd = gr.Checkbox(True, label="PTQD baseline row")
                                 oracle = gr.Checkbox(False, label="Oracle row", info="subtracts the true Δ")
@@ -228,63 +322,84 @@ def build_demo() -> gr.Blocks:
                             calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=common.DEFAULT_CALIB_SAMPLES, step=1, label="Calibration trajectories",
                                                       info="used when no shipped or cached statistics match", elem_id="calib-samples")
                             granularity = gr.Radio(["channel", "tensor"], value="channel", label="Noise model granularity")
-                            backbone = gr.Radio(common.BACKBONE_CHOICES, value=common.DEFAULT_BACKBONE, label="PTQ backbone",
-                                                info="AdaRound only where its statistics are ready; bias-correction calibrates in seconds",
-                                                elem_id="backbone")
                             gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
                                         f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
-                        with gr.Row():
-                            run = gr.Button("Run comparison", variant="primary", elem_id="run-button", scale=3)
-                            stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
-                    with gr.Column(scale=2):
-                        gr.Markdown("### Samples\nRows: FP | quantized | corrections, all from the same noise. "
-                                    "Under each row, the heat-map of |x − FP| (white = identical to full precision).")
-                        samples = gr.Image(label="Samples", show_label=False, type="pil",
+                    with gr.Column(scale=2, min_width=0):
+                        samples_note = gr.Markdown("### Samples\n" + common.samples_caption("image"), elem_id="samples-caption")
+                        summary = gr.Markdown(summary0, elem_id="summary")
+                        samples = gr.Image(value=grid0, label="Samples", show_label=False, type="pil",
                                            format="png", interactive=False, elem_id="samples", buttons=["download", "fullscreen"])
-                        summary = gr.Markdown("Press **Run comparison**. Every row starts from the same noise.", elem_id="summary")
-                        metrics = gr.Dataframe(value=common.metrics_display(None), label="Metrics (PSNR/MSE to the FP samples; efficiency: size, BOPs)", interactive=False,
+                        metrics = gr.Dataframe(value=metrics0, label="Metrics (PSNR/MSE to the FP samples; efficiency: size, BOPs)", interactive=False,
                                                elem_id="metrics", wrap=True)
-                        psnr_plot = gr.Plot(show_label=False, elem_id="psnr-plot")
-                        downloads = gr.File(label="Downloads: grid PNG, per-step CSVs, run.json", file_count="multiple",
+                        psnr_plot = gr.Plot(show_label=False, elem_id="psnr-plot", visible=False)
+                        downloads = gr.File(label="Downloads: " + ", ".join(common.DOWNLOAD_NAMES), file_count="multiple",
                                             interactive=False, elem_id="downloads", height=140)
+                        gr.Markdown(common.GUIDE, elem_id="guide")
                         gr.Markdown("Colours used in every plot: " + _chips())
-            with gr.Tab("Deviation curves", id="deviation"):
-                gr.Markdown("How big is the quantization noise Δ at each step, how correlated with what the quantized model outputs, "
-                            "and how much of it D-D² can absorb (grey: steps where it cannot, all of them at η = 0).")
-                deviation_plot = gr.Plot(label="Per-step noise model", show_label=False, elem_id="deviation-plot")
-                gr.Markdown("### The paper's Figure 2 on this model\nThe quantization noise at one step: is it Gaussian, "
-                            "and how much of it can be predicted from the quantized output ε̂?")
-                dev_step = gr.Slider(1, 20, value=10, step=1, label="Step (1 = noisiest)", elem_id="dev-step")
-                dev_caption = gr.Markdown()
-                with gr.Row():
-                    hist_plot = gr.Plot(label="Histogram of Δ with Gaussian fit", show_label=False, elem_id="hist-plot")
-                    joint_plot = gr.Plot(label="Joint density of (ε̂, Δ) with the conditional mean", show_label=False, elem_id="joint-plot")
-            with gr.Tab("Trajectories", id="trajectories"):
-                gr.Markdown("Distance of each method's sampling trajectory to the full-precision one, step by step.")
-                traj_plot = gr.Plot(label="RMSE to FP", show_label=False, elem_id="traj-plot")
-                moments_plot = gr.Plot(label="Mean and std of x_t", show_label=False, elem_id="moments-plot")
-                particles_plot = gr.Plot(label="Particles over the data density (toy2d)", show_label=False, visible=False, elem_id="particles-plot")
-                traj_step = gr.Slider(1, 20, value=20, step=1, label="Step: predicted x₀ of every method (1 = noisiest)", elem_id="traj-step")
-                traj_caption = gr.Markdown()
-                x0_image = gr.Image(label="Predicted x₀ at the chosen step", show_label=False, type="pil", format="png", interactive=False, elem_id="x0-step")
+            with gr.Tab("Deviation curves", id="deviation") as deviation_tab:
+                gr.Markdown(common.DEVIATION_INTRO)
+                with gr.Column(visible=True, elem_id="deviation-prompt") as dev_prompt:
+                    gr.Markdown(PROMPT, elem_classes=["prompt"])
+                    dev_run = gr.Button("Run comparison", variant="primary", elem_id="deviation-run")
+                with gr.Column(visible=False) as dev_views:
+                    deviation_plot = gr.Plot(label="Per-step noise model", show_label=False, elem_id="deviation-plot")
+                    gr.Markdown("### The paper's Figure 2 on this model\nThe quantization noise at one step: is it Gaussian, "
+                                "and how much of it can be predicted from the quantized output ε̂?")
+                    dev_step = gr.Slider(1, 20, value=10, step=1, label="Step (1 = noisiest)", elem_id="dev-step")
+                    dev_caption = gr.Markdown()
+                    with gr.Row():
+                        hist_plot = gr.Plot(label="Histogram of Δ with Gaussian fit", show_label=False, elem_id="hist-plot")
+                        joint_plot = gr.Plot(label="Joint density of (ε̂, Δ) with the conditional mean", show_label=False, elem_id="joint-plot")
+            with gr.Tab("Trajectories", id="trajectories") as trajectories_tab:
+                gr.Markdown(common.TRAJECTORIES_INTRO)
+                with gr.Column(visible=True, elem_id="trajectories-prompt") as traj_prompt:
+                    gr.Markdown(PROMPT, elem_classes=["prompt"])
+                    traj_run = gr.Button("Run comparison", variant="primary", elem_id="trajectories-run")
+                with gr.Column(visible=False) as traj_views:
+                    particles_plot = gr.Plot(label="Particles over the data density (toy2d)", show_label=False, visible=False, elem_id="particles-plot")
+                    all_paths = gr.Checkbox(False, label="toy2d: draw every trajectory (not only a handful)", elem_id="all-paths", visible=False)
+                    traj_plot = gr.Plot(label="RMSE to FP", show_label=False, elem_id="traj-plot")
+                    moments_plot = gr.Plot(label="Mean and std of x_t", show_label=False, elem_id="moments-plot")
+                    traj_step = gr.Slider(1, 20, value=20, step=1, label="Step: predicted x₀ of every method (1 = noisiest)", elem_id="traj-step")
+                    traj_caption = gr.Markdown()
+                    x0_image = gr.Image(label="Predicted x₀ at the chosen step", show_label=False, type="pil", format="png", interactive=False, elem_id="x0-step")
             with gr.Tab("Method", id="method"):
                 gr.Markdown(teaching.method_page_markdown(), latex_delimiters=LATEX, elem_id="method-text")
 
+        # Plots drawn while their tab was hidden took a default width (half the page): a resize when the
+        # tab is shown makes plotly fit them to it.
+        for tab in (deviation_tab, trajectories_tab):
+            tab.select(None, None, None, js=RESIZE_JS, queue=False)
         model.change(model_info, model, [model_msg, guidance, class_choice, num_images], api_name="model_info")
+        model.change(samples_caption, model, samples_note, api_name="samples_caption", show_progress="hidden")
         demo.load(model_info, model, [model_msg, guidance, class_choice, num_images], api_name="model_info_on_load")
-        preset.change(preset_bits, preset, [w_bits, a_bits], api_name="preset")
+        # .input fires only for the visitor's own changes, so the preset and the sliders cannot chase each other.
+        preset.input(preset_bits, preset, [w_bits, a_bits], api_name="preset")
+        for slider in (w_bits, a_bits):
+            slider.input(bits_preset, [w_bits, a_bits], preset, api_name="bits" if slider is w_bits else "bits_a", show_progress="hidden")
+        for name, switch in (("rows_note", mean), ("rows_note_variance", variance), ("rows_note_modes", modes)):
+            switch.change(rows_note, [mean, variance, modes], note, api_name=name, show_progress="hidden")
         controls = [model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                     mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone]
         view_outputs = [deviation_plot, dev_step, hist_plot, joint_plot, dev_caption, traj_plot, moments_plot,
-                        traj_step, x0_image, traj_caption, particles_plot, psnr_plot]
-        compare_event = run.click(validate, controls, None, api_name="validate", show_progress="hidden").success(
-            run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare",
-            concurrency_limit=common.RUN_SLOTS, show_progress_on=[samples],
-        )
-        compare_event.success(refresh_views, state, view_outputs, api_name="views")
-        stop.click(None, None, None, cancels=[compare_event], api_name=False)
-        dev_step.release(deviation_step, [state, dev_step], [hist_plot, joint_plot, dev_caption], api_name="deviation_step")
-        traj_step.release(trajectory_step, [state, traj_step], [x0_image, traj_caption], api_name="trajectory_step")
+                        traj_step, x0_image, traj_caption, particles_plot, psnr_plot, dev_prompt, dev_views, traj_prompt, traj_views, all_paths]
+        compare_events = []
+        for index, button in enumerate((run, dev_run, traj_run)):
+            suffix = "" if index == 0 else f"_{index}"
+            button.click(None, None, None, js=CLEAR_TOASTS_JS, queue=False)
+            event = button.click(validate, controls, None, api_name="validate" + suffix, show_progress="hidden").success(
+                run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare" + suffix,
+                concurrency_limit=common.RUN_SLOTS, concurrency_id="compare", show_progress_on=[samples],
+            )
+            event.success(refresh_views, [state, all_paths], view_outputs, api_name="views" + suffix)
+            compare_events.append(event)
+        stop.click(None, None, None, cancels=compare_events, api_name=False)
+        # Sliders answer every change, keyboard included, not only a mouse release; always_last drops stale requests.
+        dev_step.input(deviation_step, [state, dev_step], [hist_plot, joint_plot, dev_caption], api_name="deviation_step",
+                       trigger_mode="always_last", show_progress="hidden")
+        traj_step.input(trajectory_step, [state, traj_step], [x0_image, traj_caption], api_name="trajectory_step",
+                        trigger_mode="always_last", show_progress="hidden")
+        all_paths.change(particles, [state, all_paths], particles_plot, api_name="particles")
     return demo
 
 

@@ -8,19 +8,15 @@ keyed by the full configuration, so a repeated setting is instant.
 
 from __future__ import annotations
 
-import io
-import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import streamlit as st
 
 from d2dpm import figures, teaching
-from d2dpm.errors import ConfigError
 from d2dpm.experiment import CompareConfig, ComparisonResult, CompareProgress, default_workbench
 
-from . import common
+from . import common, story
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ROOT / "pages"
@@ -48,27 +44,9 @@ def run_app() -> None:
 
 # -- shared store of finished comparisons (results are read-only once made)
 
-class _Store:
-    def __init__(self, size: int):
-        self.size, self.lock, self.items = size, threading.Lock(), OrderedDict()
-
-    def get(self, config: CompareConfig) -> ComparisonResult | None:
-        with self.lock:
-            if config in self.items:
-                self.items.move_to_end(config)
-                return self.items[config]
-            return None
-
-    def put(self, config: CompareConfig, result: ComparisonResult) -> None:
-        with self.lock:
-            self.items[config] = result
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-
-
 @st.cache_resource(show_spinner=False)
-def result_store() -> _Store:
-    return _Store(STORE_SIZE)
+def result_store() -> common.ResultStore:
+    return common.ResultStore(STORE_SIZE)
 
 
 def run_comparison(config: CompareConfig | common.Plan, image_slot=None, kind: str = "image") -> ComparisonResult:
@@ -110,8 +88,8 @@ def result_or_prompt() -> ComparisonResult | None:
     result = current_result()
     if result is not None:
         return result
-    st.info("No comparison yet. Run one on the **Compare** page, or run the default comparison here.")
-    if st.button("Run the default comparison", type="primary", key="run_default"):
+    st.info(common.PROMPT)
+    if st.button("Run comparison", type="primary", key="run_default", help="the last settings of the Compare page, or the defaults"):
         config = st.session_state.get(CONFIG_KEY) or default_config()
         if config is None:
             return None
@@ -126,17 +104,19 @@ def result_or_prompt() -> ComparisonResult | None:
     return None
 
 
-def default_config() -> CompareConfig | None:
+def default_config(quiet: bool = False) -> CompareConfig | None:
     try:
         return common.build_config(common.DEFAULT_MODEL, *common.PRESETS[common.DEFAULT_PRESET], 20, 0.0, 3.0, None, 0, 8,
                                    backbone=common.DEFAULT_BACKBONE)
-    except ConfigError as error:
-        st.error(str(error))
+    except Exception as error:  # e.g. the default backbone's statistics not ready here
+        if not quiet:
+            st.error(": ".join(common.visitor_message(error)))
         return None
 
 
 def run_caption(result: ComparisonResult) -> None:
-    st.caption(f"Showing: {common.run_title(result)} · {common.SOURCE_TEXT.get(result.stats_source, result.stats_source)}")
+    st.caption(f"Showing: {common.run_title(result)} · backbone {result.config.backbone} · "
+               f"{common.SOURCE_TEXT.get(result.stats_source, result.stats_source)}")
 
 
 def _final_grid(result: ComparisonResult):
@@ -146,12 +126,6 @@ def _final_grid(result: ComparisonResult):
         cached = (result, common.final_grid(result))
         st.session_state["_grid"] = cached
     return cached[1]
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # -- settings that survive a page switch: Streamlit forgets a widget's state when its page is not
@@ -176,10 +150,15 @@ def _index(options: list, value) -> int:
 def compare_page() -> None:
     st.title("D²-DPM: quantized diffusion, repaired")
     st.markdown(
-        "Quantize a diffusion model's noise predictor to a few bits, then sample from the **same noise** with full precision (FP), "
-        "the quantized model, and each correction. Watch where the trajectories part, and how much dual denoising brings back. "
+        "The same noise goes through a full-precision (FP) model, its few-bit quantized copy and each correction; "
+        "the rows show where they part. "
         f"[Paper]({common.PAPER_URL}) · [official code]({common.CODE_URL})"
     )
+    # Run sits at the top of the page, not at the bottom of the settings: visible without scrolling on a
+    # desktop, and pressable on a phone without opening the settings panel (which would then cover the result).
+    top = st.columns([1, 3], vertical_alignment="center")
+    run = top[0].button("Run comparison", type="primary", width="stretch", key="run")
+    top[1].caption("Settings: the sidebar (on a phone, the **»** at the top left). The defaults are a good first run.")
     with st.sidebar:
         st.header("Settings")
         choices = [*common.MODEL_CHOICES, OTHER_MODEL]
@@ -204,6 +183,10 @@ def compare_page() -> None:
         col_w, col_a = st.columns(2)
         w_bits = keep(f"w_bits_{preset}", col_w.slider("Weight bits", 2, 8, kept(f"w_bits_{preset}", w0), disabled=not custom, key=f"w_bits_{preset}"))
         a_bits = keep(f"a_bits_{preset}", col_a.slider("Activation bits", 4, 8, kept(f"a_bits_{preset}", a0), disabled=not custom, key=f"a_bits_{preset}"))
+        backbones = common.BACKBONE_CHOICES
+        backbone = keep("backbone", st.radio("PTQ backbone", backbones, index=_index(backbones, kept("backbone", common.DEFAULT_BACKBONE)),
+                                             horizontal=True, key="backbone", help=common.BACKBONE_HELP))
+        st.caption(common.BACKBONE_INFO[0].upper() + common.BACKBONE_INFO[1:] + ".")
         col_s, col_e = st.columns(2)
         steps = keep("steps", col_s.slider("DDIM steps", 1, common.MAX_UI_STEPS, kept("steps", 20), key="steps"))
         eta = keep("eta", col_e.slider("η", 0.0, 1.0, kept("eta", 0.0), 0.05, key="eta", help="0 = deterministic DDIM, 1 = DDPM-like"))
@@ -226,6 +209,9 @@ def compare_page() -> None:
         variance = keep("variance", col_v.toggle("Variance", kept("variance", True), key="variance", help="remove σ_cond"))
         modes = keep("modes", st.multiselect("Mode", list(common.MODES), default=kept("modes", list(common.MODES)), key="modes",
                                              help="S-D²: subtract a draw of the noise · D-D²: absorb it into σ_t'"))
+        note = common.rows_note(mean, variance, modes)
+        if note:
+            st.info(note, icon=":material/info:")
         col_p, col_o = st.columns(2)
         ptqd = keep("ptqd", col_p.checkbox("PTQD row", kept("ptqd", True), key="ptqd"))
         oracle = keep("oracle", col_o.checkbox("Oracle row", kept("oracle", False), key="oracle", help="subtracts the true Δ: an upper bound"))
@@ -237,60 +223,70 @@ def compare_page() -> None:
             granularity = keep("granularity", st.radio("Noise model granularity", granularities,
                                                        index=_index(granularities, kept("granularity", "channel")), horizontal=True,
                                                        key="granularity"))
-            backbones = common.BACKBONE_CHOICES
-            backbone = keep("backbone", st.radio("PTQ backbone", backbones, index=_index(backbones, kept("backbone", common.DEFAULT_BACKBONE)),
-                                                 horizontal=True, key="backbone",
-                                                 help="AdaRound only where its statistics are ready; bias-correction calibrates in seconds"))
             st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
                        f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
-        run = st.button("Run comparison", type="primary", width="stretch", key="run")
 
     messages = st.container()  # errors show here, above any earlier result
+    text_slot = st.empty()  # what the result means, above the grid: read first, then look
     slot = st.empty()
     if run:
         try:
             plan = common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
                                    mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
             start = time.perf_counter()
+            cached = result_store().get(plan.config) is not None
             result = run_comparison(plan, slot, summary.kind)
             st.session_state[RESULT_KEY] = result
             st.session_state[CONFIG_KEY] = plan.config
             st.session_state["seconds"] = time.perf_counter() - start
+            st.session_state["cached"] = cached
         except Exception as error:  # keep serving: one line for the visitor, no traceback
             title, message = common.visitor_message(error)
             messages.error(f"{title}: {message}")
 
     result = current_result()
     if result is None:
-        slot.info("Choose the settings in the sidebar and press **Run comparison**. Every row starts from the same noise.")
+        slot.empty()
+        landing()
         return
+    kind = result.model.kind
     grid = _final_grid(result)
-    slot.image(grid, caption="Rows: FP | quantized | corrections; under each, |x − FP| (white = same as FP).")
-    st.markdown(common.summary_markdown(result, st.session_state.get("seconds")))
+    text_slot.markdown(common.summary_markdown(result, st.session_state.get("seconds"), cached=st.session_state.get("cached", False)))
+    slot.image(grid, caption=common.samples_caption(kind))
     st.subheader("Metrics")
-    st.dataframe(common.metrics_display(result.metrics), hide_index=True, width="stretch")
+    st.dataframe(common.metrics_display(result.metrics, kind), hide_index=True, width="stretch")
     left, right = st.columns([3, 2])
     with left:
-        if result.model.kind == "image":
-            st.plotly_chart(figures.metrics_figure(result.metrics), width="stretch", theme=None, key="metrics_chart")
+        st.plotly_chart(figures.metrics_figure(result.metrics, kind), width="stretch", theme=None, key="metrics_chart")
     with right:
         st.subheader("Downloads")
-        st.download_button("⬇ grid.png", _png(grid), "grid.png", "image/png", key="dl_grid")
-        for name, table in [("metrics.csv", result.metrics), ("trajectory.csv", result.trajectory),
-                            ("stats.csv", result.stats_table), ("per_image.csv", result.per_image)]:
-            st.download_button(f"⬇ {name}", table.to_csv(index=False).encode(), name, "text/csv", key=f"dl_{name}")
-    st.caption("More views of this run: **Deviation curves**, **Trajectories** (sidebar).")
+        for name, data, mime in common.download_payloads(result, grid):
+            st.download_button(f"⬇ {name}", data, name, mime, key=f"dl_{name}")
+    st.markdown(common.GUIDE)
+
+
+def landing() -> None:
+    """Before any run: the shipped example with its interpretation, and where to look."""
+    example = story.load_example()
+    if example is None:
+        st.info("Press **Run comparison**. Every row starts from the same noise. (No precomputed example is installed: "
+                "`python scripts/make_example.py` makes one.)")
+    else:
+        st.markdown(f"{story.example_note(example, default_config(quiet=True))}  \n{example.text()}")
+        st.image(example.grid, caption=common.samples_caption(example.numbers.get("kind", "image")))
+        st.dataframe(common.metrics_display(example.metrics, example.numbers.get("kind", "image")), hide_index=True, width="stretch")
+    st.markdown(common.GUIDE)
 
 
 def deviation_page() -> None:
     st.title("Deviation curves")
-    st.markdown("How big the quantization noise Δ is at each step, how correlated with the quantized output ε̂, "
-                "and how much of it D-D² can absorb (grey: steps where it cannot; all of them at η = 0).")
+    st.markdown(common.DEVIATION_INTRO)
     result = result_or_prompt()
     if result is None:
         return
     run_caption(result)
-    st.plotly_chart(figures.deviation_figure(result.stats_table), width="stretch", theme=None, key="deviation_chart")
+    st.plotly_chart(figures.deviation_figure(result.stats_table, title=f"Per-step quantization noise: {common.run_title(result)}"),
+                    width="stretch", theme=None, key="deviation_chart")
     steps = len(result.records)
     st.subheader("The paper's Figure 2 on this model")
     step = st.slider("Step", 1, steps, steps // 2 + 1, key="deviation_step") - 1
@@ -304,15 +300,18 @@ def deviation_page() -> None:
 
 def trajectories_page() -> None:
     st.title("Trajectories")
-    st.markdown("Distance of each method's sampling trajectory to the full-precision one, step by step.")
+    st.markdown(common.TRAJECTORIES_INTRO)
     result = result_or_prompt()
     if result is None:
         return
     run_caption(result)
-    st.plotly_chart(figures.trajectory_figure(result.trajectory), width="stretch", theme=None, key="trajectory_chart")
-    st.plotly_chart(figures.moments_figure(result.trajectory), width="stretch", theme=None, key="moments_chart")
     if result.model.kind == "points":
-        st.plotly_chart(figures.particles_figure(result), width="stretch", theme=None, key="particles_chart")
+        all_paths = st.checkbox("toy2d: draw every trajectory (not only a handful)", key="all_paths")
+        st.plotly_chart(figures.particles_figure(result, paths=None if all_paths else figures.HIGHLIGHTED_PATHS),
+                        width="stretch", theme=None, key="particles_chart")
+    st.plotly_chart(figures.trajectory_figure(result.trajectory, title=f"Distance to the full-precision trajectory: {common.run_title(result)}"),
+                    width="stretch", theme=None, key="trajectory_chart")
+    st.plotly_chart(figures.moments_figure(result.trajectory), width="stretch", theme=None, key="moments_chart")
     steps = len(result.records)
     step = st.slider("Step: predicted x₀ of every method", 1, steps, steps, key="trajectory_step") - 1
     st.markdown(common.step_caption(result, step))

@@ -19,5 +19,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-python3 -m pip install -q -r requirements.txt -r requirements-eval.txt
+python3 -m pip install -q -r requirements.txt -r requirements-test.txt -r requirements-eval.txt
 python3 -m pytest -q -p no:cacheprovider "$@"

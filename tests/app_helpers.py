@@ -30,9 +30,10 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float) ->
     raise RuntimeError(f"server did not answer {url} in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def _env(tmp: Path, model: str | None, extra_env: dict | None = None) -> dict:
+def _env(tmp: Path, model: str | None, extra_env: dict | None = None, example: Path | None = None) -> dict:
     """The server's environment: its own temporary folders and cache, no network; the tiny test models
-    have no shipped statistics, so the apps calibrate them with bias correction (AdaRound is refused there)."""
+    have no shipped statistics, so the apps calibrate them with bias correction (AdaRound is refused there).
+    `example`: the landing's example folder (D2DPM_EXAMPLE_DIR)."""
     env = dict(os.environ)
     env.update(
         GRADIO_TEMP_DIR=str(tmp / "gradio_tmp"),
@@ -43,6 +44,8 @@ def _env(tmp: Path, model: str | None, extra_env: dict | None = None) -> dict:
     )
     if model is not None:
         env["D2DPM_APP_MODEL"] = model  # the operator's default model is allowed too
+    if example is not None:
+        env["D2DPM_EXAMPLE_DIR"] = str(example)
     env.update(extra_env or {})
     return env
 
@@ -59,10 +62,11 @@ def _serve(command: list[str], env: dict, url: str, log: Path, health: str, time
 
 
 @contextmanager
-def gradio_server(tmp: Path, model: str | None = None, timeout: float = 90, extra_env: dict | None = None):
+def gradio_server(tmp: Path, model: str | None = None, timeout: float = 90, extra_env: dict | None = None,
+                  example: Path | None = None):
     """`python app.py`; yields (url, process)."""
     port = free_port()
-    env = _env(tmp, model, extra_env)
+    env = _env(tmp, model, extra_env, example)
     env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
     url = f"http://127.0.0.1:{port}/"
     with _serve([sys.executable, "app.py"], env, url, tmp / "gradio.log", url, timeout) as served:
@@ -70,14 +74,15 @@ def gradio_server(tmp: Path, model: str | None = None, timeout: float = 90, extr
 
 
 @contextmanager
-def streamlit_server(tmp: Path, model: str | None = None, timeout: float = 90, extra_env: dict | None = None):
+def streamlit_server(tmp: Path, model: str | None = None, timeout: float = 90, extra_env: dict | None = None,
+                     example: Path | None = None):
     """`streamlit run app.py`; yields (url, process)."""
     port = free_port()
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1", "--server.port", str(port),
                "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
                "--global.developmentMode", "false"]
     url = f"http://127.0.0.1:{port}/"
-    with _serve(command, _env(tmp, model, extra_env), url, tmp / "streamlit.log", url + "_stcore/health", timeout) as served:
+    with _serve(command, _env(tmp, model, extra_env, example), url, tmp / "streamlit.log", url + "_stcore/health", timeout) as served:
         yield served
 
 

@@ -25,9 +25,49 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is no
 SERVER_START = 180  # seconds: importing torch, diffusers and the UI library on 2 busy cores
 RESULT_WAIT = 120_000  # milliseconds for a comparison (calibration included) to finish
 VIEW_WAIT = 60_000
-VIEWPORT = {"width": 1440, "height": 1000}
-STREAMLIT_VIEWPORT = {"width": 1440, "height": 1800}  # Streamlit scrolls inside the page: a tall window shows it all
+VIEWPORT = {"width": 1400, "height": 1000}
+STREAMLIT_VIEWPORT = {"width": 1400, "height": 1800}  # Streamlit scrolls inside the page: a tall window shows it all
+PHONE = {"width": 390, "height": 844}
 FAST = {"steps": 4, "images": 2, "calibration": 8}
+BACKBONE = "rtn"  # the quickest backbone to calibrate; the example below is made with the same settings
+
+
+@pytest.fixture(scope="module")
+def example(conditional_model_dir, tmp_path_factory):
+    """The landing's example for the tiny model, made as scripts/make_example.py makes it (same settings
+    as the runs below), and the statistics cache it filled, which the servers then share."""
+    from d2dpm.experiment import Workbench
+    from d2dpm.figures import run_title
+    from d2dpm_app import common, story
+
+    cache = tmp_path_factory.mktemp("shared_cache")
+    from d2dpm.experiment import DEFAULT_METHODS, CompareConfig
+
+    config = CompareConfig(model=str(conditional_model_dir), w_bits=4, a_bits=8, steps=FAST["steps"], eta=0.0, guidance=3.0,
+                           methods=DEFAULT_METHODS, seed=0, num_images=FAST["images"], calib_samples=FAST["calibration"],
+                           backbone=BACKBONE)
+    result = Workbench(cache_dir=cache, device="cpu").compare(config)
+    folder = tmp_path_factory.mktemp("example")
+    story.write_example(result, common.final_grid(result), run_title(result), folder)
+    return folder, cache
+
+
+def no_horizontal_overflow(page, where: str) -> None:
+    width = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"{where}: the page is {width[0]} px wide on a {width[1]} px screen"
+
+
+def in_viewport_without_scrolling(page, locator, where: str) -> None:
+    page.evaluate("() => window.scrollTo(0, 0)")
+    box = locator.bounding_box()
+    height = page.viewport_size["height"]
+    assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= height, f"{where}: {box} not within the first {height} px"
+
+
+def not_pixelated(page, selector: str) -> None:
+    """The displayed grid is scaled smoothly (pixelated downscaling garbled its text labels)."""
+    rendering = page.evaluate(f"() => Array.from(document.querySelectorAll({selector!r})).map(e => getComputedStyle(e).imageRendering)")
+    assert rendering and all(r not in ("pixelated", "crisp-edges") for r in rendering), rendering
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +134,41 @@ def drive_gradio(page, url: str, shots: Shots) -> None:
     page.goto(url)
     page.locator("#run-button").wait_for(timeout=VIEW_WAIT)
     page.get_by_text("class-conditional").first.wait_for(timeout=VIEW_WAIT)  # the model box found the tiny model
+    # The landing: the example's images and interpretation before any click, Run in sight.
+    landing = page.locator("#samples img").first
+    landing.wait_for(timeout=VIEW_WAIT)
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=landing.element_handle(), timeout=VIEW_WAIT)
+    expect(page.locator("#summary")).to_contain_text("What quantization did")
+    expect(page.locator("#summary")).to_contain_text("Precomputed example")
+    in_viewport_without_scrolling(page, page.locator("#run-button"), "gradio run button")
+    not_pixelated(page, "#samples img")
     shots.page(page, "0-start")
+    # Views opened before a run: a prompt, not an empty plot.
+    for tab, prompt in (("Deviation curves", "#deviation-prompt"), ("Trajectories", "#trajectories-prompt")):
+        page.get_by_role("tab", name=tab).click()
+        expect(page.locator(prompt)).to_contain_text("No comparison yet", timeout=VIEW_WAIT)
+        assert page.locator(".js-plotly-plot").count() == 0
+        expect(page.locator(prompt).get_by_role("button", name="Run comparison")).to_be_visible()
+        shots.page(page, f"0-before-run-{tab.split()[0].lower()}")
+    page.get_by_role("tab", name="Compare").click()
 
     gradio_number(page, "steps", FAST["steps"])
     gradio_number(page, "num-images", FAST["images"])
+    page.locator("#backbone").get_by_text(BACKBONE, exact=True).click()
     page.locator("#advanced").get_by_text("Advanced").first.click()
     gradio_number(page, "calib-samples", FAST["calibration"])
+    # The preset follows the bit sliders: W6A8 is no preset.
+    gradio_number(page, "w-bits", 6)
+    expect(page.locator("#preset input[value='custom']")).to_be_checked(timeout=VIEW_WAIT)
+    gradio_number(page, "w-bits", 4)
+    expect(page.locator("#preset input[value='W4A8']")).to_be_checked(timeout=VIEW_WAIT)
     page.locator("#run-button").click()
 
     downloads = page.locator("#downloads")
     expect(downloads.get_by_role("cell", name="grid.png")).to_be_visible(timeout=RESULT_WAIT)  # the run finished
     page.locator("#samples img").first.wait_for(timeout=VIEW_WAIT)
+    expect(page.locator("#summary")).not_to_contain_text("Precomputed example", timeout=VIEW_WAIT)
+    not_pixelated(page, "#samples img")
     shots.region(page.locator("#samples"), "1-samples")
     metrics = page.locator("#metrics")
     for label in ("FP", "Quantized", "PTQD", "S-D²", "D-D²"):
@@ -119,6 +183,13 @@ def drive_gradio(page, url: str, shots: Shots) -> None:
         region = page.locator(f"#{elem_id}")
         plotly_rendered(region)
         shots.region(region, f"2-{elem_id}")
+    # The step slider answers the keyboard, not only a mouse release.
+    before = page.locator("body").inner_text()
+    thumb = page.locator("#dev-step input[type='range']")
+    thumb.focus()
+    thumb.press("Home")
+    expect(page.locator("body")).to_contain_text("Step 1 (t =", timeout=VIEW_WAIT)
+    assert "Step 1 (t =" not in before
     shots.page(page, "2-deviation")
 
     page.get_by_role("tab", name="Trajectories").click()
@@ -159,9 +230,38 @@ def run_in_chromium(browser, screenshots, prefix: str, server, viewport: dict, d
         page.close()
 
 
-def test_gradio_app_in_chromium(browser, screenshots, conditional_model_dir, tmp_path):
-    server = gradio_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START)
+def drive_gradio_phone(page, url: str, shots: Shots) -> None:
+    page.goto(url)
+    page.locator("#run-button").wait_for(timeout=VIEW_WAIT)
+    landing = page.locator("#samples img").first
+    landing.wait_for(state="attached", timeout=VIEW_WAIT)
+    landing.scroll_into_view_if_needed()  # on a phone the grid sits under the settings, and loads when scrolled to
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=landing.element_handle(), timeout=VIEW_WAIT)
+    no_horizontal_overflow(page, "gradio landing")
+    shots.page(page, "phone-0-landing")
+    gradio_number(page, "steps", FAST["steps"])
+    gradio_number(page, "num-images", FAST["images"])
+    page.locator("#backbone").get_by_text(BACKBONE, exact=True).click()
+    page.locator("#advanced").get_by_text("Advanced").first.click()
+    gradio_number(page, "calib-samples", FAST["calibration"])
+    page.locator("#run-button").click()
+    expect(page.locator("#downloads").get_by_role("cell", name="grid.png")).to_be_visible(timeout=RESULT_WAIT)
+    no_horizontal_overflow(page, "gradio after a run")
+    shots.page(page, "phone-1-result")
+
+
+def test_gradio_app_in_chromium(browser, screenshots, conditional_model_dir, example, tmp_path, monkeypatch):
+    folder, cache = example
+    monkeypatch.setenv("D2DPM_CACHE_DIR", str(cache))
+    server = gradio_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START, example=folder)
     run_in_chromium(browser, screenshots, "gradio", server, VIEWPORT, drive_gradio)
+
+
+def test_gradio_app_on_a_phone(browser, screenshots, conditional_model_dir, example, tmp_path, monkeypatch):
+    folder, cache = example
+    monkeypatch.setenv("D2DPM_CACHE_DIR", str(cache))
+    server = gradio_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START, example=folder)
+    run_in_chromium(browser, screenshots, "gradio", server, PHONE, drive_gradio_phone)
 
 
 # -- Streamlit
@@ -203,20 +303,40 @@ def open_page(page, title: str, heading: str | None = None) -> None:
     streamlit_idle(page)
 
 
-def drive_streamlit(page, url: str, shots: Shots) -> None:
-    page.goto(url)
-    page.get_by_role("button", name="Run comparison").wait_for(timeout=VIEW_WAIT)
-    streamlit_idle(page)
-    shots.page(page, "0-start")
-
+def streamlit_fast_settings(page) -> None:
     streamlit_slider(page, "DDIM steps", FAST["steps"], 1)
     streamlit_slider(page, "Images", FAST["images"], 1)
+    page.locator("[data-testid='stSidebar']").get_by_text(BACKBONE, exact=True).click()
     page.locator("[data-testid='stSidebar'] [data-testid='stExpander'] summary").first.click()
     streamlit_slider(page, "Calibration trajectories", FAST["calibration"], 2)
     streamlit_idle(page, settle_ms=1500)
+
+
+def drive_streamlit(page, url: str, shots: Shots) -> None:
+    page.set_viewport_size(VIEWPORT)
+    page.goto(url)
+    run = page.get_by_role("button", name="Run comparison")
+    run.wait_for(timeout=VIEW_WAIT)
+    streamlit_idle(page)
+    main = page.locator("[data-testid='stMain']")
+    # The landing: the example's images and interpretation before any click, Run in sight.
+    landing = main.locator("[data-testid='stImage'] img").first
+    landing.wait_for(timeout=VIEW_WAIT)
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=landing.element_handle(), timeout=VIEW_WAIT)
+    expect(main).to_contain_text("What quantization did")
+    in_viewport_without_scrolling(page, run, "streamlit run button")
+    shots.page(page, "0-start")
+    for title in ("Deviation curves", "Trajectories"):
+        open_page(page, title)
+        expect(main).to_contain_text("No comparison yet", timeout=VIEW_WAIT)
+        assert main.locator("[data-testid='stPlotlyChart']").count() == 0
+        shots.page(page, f"0-before-run-{title.split()[0].lower()}")
+    open_page(page, "Compare", heading="D²-DPM")
+    page.set_viewport_size(STREAMLIT_VIEWPORT)
+
+    streamlit_fast_settings(page)
     page.get_by_role("button", name="Run comparison").click()
 
-    main = page.locator("[data-testid='stMain']")
     expect(main).to_contain_text("Downloads", timeout=RESULT_WAIT)  # the run finished
     streamlit_idle(page)
     assert not page.locator("[data-testid='stException']").count()
@@ -231,7 +351,10 @@ def drive_streamlit(page, url: str, shots: Shots) -> None:
     if charts.count():
         plotly_rendered(charts.first)
         shots.region(charts.first, "1-chart")
-    assert main.locator("[data-testid='stDownloadButton']").count() >= 3
+    from d2dpm_app.common import DOWNLOAD_NAMES
+
+    for name in DOWNLOAD_NAMES:  # the same files as Gradio's downloads
+        expect(main.locator("[data-testid='stDownloadButton']").filter(has_text=name)).to_have_count(1)
     shots.page(page, "1-compare")
 
     open_page(page, "Deviation curves")
@@ -271,6 +394,37 @@ def drive_streamlit(page, url: str, shots: Shots) -> None:
     shots.page(page, "5-error")
 
 
-def test_streamlit_app_in_chromium(browser, screenshots, conditional_model_dir, tmp_path):
-    server = streamlit_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START)
+def drive_streamlit_phone(page, url: str, shots: Shots) -> None:
+    page.goto(url)
+    run = page.get_by_role("button", name="Run comparison")
+    run.wait_for(timeout=VIEW_WAIT)
+    streamlit_idle(page)
+    page.locator("[data-testid='stMain'] [data-testid='stImage'] img").first.wait_for(timeout=VIEW_WAIT)
+    no_horizontal_overflow(page, "streamlit landing")
+    shots.page(page, "phone-0-landing")
+    # Settings live in the sidebar, closed on a phone: open it, choose, close it, then Run (on the page itself).
+    page.locator("[data-testid='stExpandSidebarButton'], [data-testid='stSidebarCollapsedControl'] button").first.click()
+    streamlit_fast_settings(page)
+    page.locator("[data-testid='stSidebar'] [data-testid='stSidebarCollapseButton'] button, "
+                 "[data-testid='stSidebarHeader'] button").first.click()
+    run.click()
+    main = page.locator("[data-testid='stMain']")
+    expect(main).to_contain_text("Downloads", timeout=RESULT_WAIT)
+    streamlit_idle(page)
+    assert not page.locator("[data-testid='stSidebar'][aria-expanded='true']").count()  # nothing covers the result
+    no_horizontal_overflow(page, "streamlit after a run")
+    shots.page(page, "phone-1-result")
+
+
+def test_streamlit_app_in_chromium(browser, screenshots, conditional_model_dir, example, tmp_path, monkeypatch):
+    folder, cache = example
+    monkeypatch.setenv("D2DPM_CACHE_DIR", str(cache))
+    server = streamlit_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START, example=folder)
     run_in_chromium(browser, screenshots, "streamlit", server, STREAMLIT_VIEWPORT, drive_streamlit)
+
+
+def test_streamlit_app_on_a_phone(browser, screenshots, conditional_model_dir, example, tmp_path, monkeypatch):
+    folder, cache = example
+    monkeypatch.setenv("D2DPM_CACHE_DIR", str(cache))
+    server = streamlit_server(tmp_path, model=str(conditional_model_dir), timeout=SERVER_START, example=folder)
+    run_in_chromium(browser, screenshots, "streamlit", server, PHONE, drive_streamlit_phone)

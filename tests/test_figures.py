@@ -75,7 +75,7 @@ def test_deviation_figure_shows_every_curve_and_shades_unabsorbed_steps(result):
         assert symbol in names
     # η = 0: σ_t = 0, nothing can be absorbed, every step is shaded (merged into one band per panel)
     assert not result.stats_table["variance_absorbed"].any()
-    bands = [shape for shape in fig.layout.shapes if shape.type == "rect"]
+    bands = [shape for shape in fig.layout.shapes if shape.type == "rect" and shape.fillcolor == "#9E9E9E"]
     assert len(bands) == 4
     assert bands[0].x0 == 0.5 and bands[0].x1 == len(result.stats_table) + 0.5
     assert any("η = 0" in a.text for a in fig.layout.annotations)
@@ -105,6 +105,8 @@ def test_trajectory_and_moment_figures_use_the_palette(result):
     assert colours["D-D²"] == figures.METHOD_COLORS["d-d2"] and colours["Oracle"] == figures.METHOD_COLORS["oracle"]
     assert "FP" not in colours  # FP is the reference: its distance to itself is 0
     assert list(fig.data[0].x) == list(range(1, len(result.records) + 1))  # 1-based steps
+    # x after each step: never the 0 of the shared x_T (a log axis would draw it at 1e-8)
+    assert all(y > 0 for trace in fig.data for y in trace.y)
     moments = figures.moments_figure(result.trajectory)
     assert "FP" in _trace_names(moments)
     figures.metrics_figure(result.metrics).to_json()
@@ -137,7 +139,35 @@ def test_particles_figure_animates_every_step():
     markers = [t for t in fig.data if t.type == "scatter" and t.mode == "markers"]
     assert {t.name for t in markers} == {"FP", "Quantized", "D-D²"}
     assert len(fig.layout.sliders[0].steps) == 5
+    assert any(t.type == "contour" for t in fig.data)  # the known density under the points
     fig.to_json()
+
+
+def test_particles_figure_highlights_a_handful_of_paths_or_all():
+    result = _points_result(steps=4, n=20)
+    paths = lambda fig: [list(t.x).count(None) for t in fig.data if t.type == "scatter" and t.mode == "lines"]
+    assert set(paths(figures.particles_figure(result))) == {figures.HIGHLIGHTED_PATHS}
+    assert set(paths(figures.particles_figure(result, paths=None))) == {20}
+    # every end point is drawn whatever the number of paths
+    markers = [t for t in figures.particles_figure(result, paths=2).data if t.type == "scatter" and t.mode == "markers"]
+    assert all(len(t.x) == 20 for t in markers)
+
+
+def test_moments_draw_fp_over_the_oracle(result):
+    fig = figures.moments_figure(result.trajectory)
+    names = [t.name for t in fig.data]
+    assert names.index("FP") > names.index("Oracle")
+    assert [t.line.dash for t in fig.data if t.name == "Oracle"][0] == "dash"
+
+
+def test_heat_maps_use_one_scale_for_every_run():
+    small = {"fp": torch.zeros(1, 3, 4, 4), "q": torch.full((1, 3, 4, 4), 0.02)}
+    large = {"fp": torch.zeros(1, 3, 4, 4), "q": torch.full((1, 3, 4, 4), 0.4)}
+    assert figures.difference_scale(small) == figures.difference_scale(large) == figures.HEAT_VMAX
+    # a small error stays pale, a large one dark: the grid's heat-map rows differ
+    light = np.asarray(figures.comparison_grid(small, "image", differences=True)).astype(int).sum()
+    dark = np.asarray(figures.comparison_grid(large, "image", differences=True)).astype(int).sum()
+    assert dark < light
 
 
 def test_method_page_has_the_equations_and_the_links():

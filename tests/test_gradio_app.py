@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ import pandas as pd
 import pytest
 from app_helpers import ROOT, SMALL, gradio_server
 
+
 gradio_client = pytest.importorskip("gradio_client")
 
 ALL_CLASSES = "all classes (one image each, cycling)"
-EXPECTED_ENDPOINTS = {"/model_info", "/model_info_on_load", "/preset", "/validate", "/compare", "/views", "/deviation_step", "/trajectory_step"}
+EXPECTED_ENDPOINTS = {"/model_info", "/model_info_on_load", "/preset", "/bits", "/rows_note", "/validate", "/compare", "/views",
+                      "/deviation_step", "/trajectory_step", "/particles"}
 
 
 def compare_args(model_dir, **changes):
@@ -75,12 +78,24 @@ def test_compare_returns_what_the_cli_writes(client, conditional_model_dir, tmp_
     assert [float(v) for v in shown["GBOPs"]] == pytest.approx(list(cli["gbops"]), abs=6e-4)
 
     # the other tabs of the same session
-    views = client.predict(api_name="/views")
-    assert len(views) == 12 and views[0]["plot"] and views[5]["plot"]
+    views = client.predict(False, api_name="/views")
+    # 17 outputs, 4 of them the tabs' prompt/view columns, which the API does not return
+    assert len(views) == 13 and views[0]["plot"] and views[5]["plot"]
     hist, joint, caption = client.predict(2, api_name="/deviation_step")
     assert hist["plot"] and joint["plot"] and caption.startswith("Step 2")
     x0, caption = client.predict(1, api_name="/trajectory_step")
     assert Path(x0).is_file() and caption.startswith("Step 1/")
+
+
+def test_an_identical_run_returns_from_the_cache(client, conditional_model_dir):
+    args = compare_args(conditional_model_dir, seed=3, backbone="rtn")
+    first = client.predict(*args, api_name="/compare")
+    second = client.predict(*args, api_name="/compare")
+    assert "returned from the cache of finished runs" not in first[1] and "returned from the cache of finished runs" in second[1]
+    seconds = [float(re.search(r"([0-9.]+) s\.", summary).group(1)) for summary in (first[1], second[1])]
+    assert seconds[1] < seconds[0]  # the time each run reports
+    assert first[2] == second[2]  # the same table
+    assert "What quantization did" in second[1]
 
 
 def test_visitors_at_once_get_independent_results(server, conditional_model_dir, tmp_path):
@@ -114,6 +129,8 @@ def test_the_default_model_is_emoji_and_its_absence_is_explained(client):
         assert "emoji" in message
     w, a = client.predict("W4A6", api_name="/preset")
     assert (w["value"], a["value"]) == (4, 6)
+    assert client.predict(6, 8, api_name="/bits")["value"] == "custom"  # moving a slider updates the preset
+    assert client.predict(8, 8, api_name="/bits")["value"] == "W8A8"
 
 
 # -- the widget → configuration layer both UIs share (no server needed)

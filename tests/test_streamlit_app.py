@@ -91,8 +91,15 @@ def test_home_page_starts_with_the_embedded_default_or_says_why_not():
         assert "not installed" in texts(app.warning)
     else:
         assert not app.warning, texts(app.warning)
-    assert "Run comparison" in texts(app.info)  # nothing runs before the visitor asks
-    assert not app.get("image")
+    # nothing runs before the visitor asks: the landing shows the shipped example, or invites a run
+    from d2dpm_app import story
+
+    if story.load_example() is not None:
+        assert len(app.get("image")) == 1 and "What quantization did" in texts(app.markdown)
+        assert "Precomputed example" in texts(app.markdown)
+    else:
+        assert "Run comparison" in texts(app.info) and not app.get("image")
+    assert "result" not in app.session_state
 
 
 def test_home_page_runs_a_comparison_with_the_core_numbers(default_model, conditional_model_dir):
@@ -108,7 +115,8 @@ def test_home_page_runs_a_comparison_with_the_core_numbers(default_model, condit
     assert app.get("plotly_chart"), "no plot shown"
     assert "BOPs" in texts(app.markdown)  # the efficiency line
     labels = {button.proto.label for button in app.get("download_button")}
-    assert {"grid.png", "metrics.csv", "trajectory.csv", "stats.csv"} <= {label.split()[-1] for label in labels}, labels
+    assert {label.split()[-1] for label in labels} == set(common.DOWNLOAD_NAMES), labels  # the same files as Gradio's
+    assert "What quantization did" in texts(app.markdown)  # the interpretation under the result
 
     # The table shows what the core computes for the same configuration (same noise, same numbers).
     config = app.session_state["config"]
@@ -122,10 +130,12 @@ def test_home_page_runs_a_comparison_with_the_core_numbers(default_model, condit
     result = app.session_state["result"]
     run_comparison(app)
     assert app.session_state["result"] is result
+    assert "returned from the cache of finished runs" in texts(app.markdown)
 
 
 def test_toggles_choose_the_rows(default_model, conditional_model_dir):
     app = fast_settings(start(default_model, conditional_model_dir))
+    app.radio(key="backbone").set_value("rtn")
     app.toggle(key="variance").set_value(False)
     app.checkbox(key="ptqd").set_value(False)
     app.checkbox(key="oracle").set_value(True)
@@ -133,6 +143,8 @@ def test_toggles_choose_the_rows(default_model, conditional_model_dir):
     assert not app.error, texts(app.error)
     # variance off: S-D² and D-D² coincide in the mean-only row
     assert app.session_state["config"].methods == ("fp", "q", "mean-only", "oracle")
+    assert app.session_state["config"].backbone == "rtn"  # the backbone selector reaches the core
+    assert "same" in texts(app.info)  # why S-D² and D-D² became one row
     assert list(app.dataframe[0].value["method"]) == ["FP", "Quantized", "D² mean only", "Oracle"]
 
 
