@@ -30,7 +30,6 @@ from typing import Iterator
 
 import pandas as pd
 
-from d2dpm.quant import DEFAULT_BACKBONE as CORE_DEFAULT_BACKBONE
 from d2dpm.calibration import RECONSTRUCTION_INPUTS
 from d2dpm.corrections import METHODS, method_for_switches
 from d2dpm.errors import Busy, Cancelled, ConfigError, check_int_range
@@ -49,7 +48,9 @@ MODEL_CHOICES = list(dict.fromkeys([*EMBEDDED_MODELS, *extra_models()]))
 # How the quantized network is made. AdaRound fits every layer for minutes of CPU: the apps use it only
 # where its statistics are shipped or cached, and offer bias-correction (seconds) elsewhere.
 BACKBONE_CHOICES = list(BACKBONES)
-DEFAULT_BACKBONE = os.environ.get("D2DPM_APP_BACKBONE", CORE_DEFAULT_BACKBONE)  # the core's: bias-correction ships for every default view
+# The paper-like backbone, shipped for every default view (the core's default, bias-correction, is the
+# one any configuration can calibrate in seconds on a CPU, so the CLI keeps it).
+DEFAULT_BACKBONE = os.environ.get("D2DPM_APP_BACKBONE", "adaround")
 PRESETS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A6": (4, 6)}
 DEFAULT_PRESET = "W4A8"
 CUSTOM_PRESET = "custom"
