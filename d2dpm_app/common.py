@@ -392,7 +392,9 @@ GUIDE = """**What to look at**, in this order:
 
 DEVIATION_INTRO = ("How big the quantization noise Δ is at each step, how correlated with the quantized output ε̂, and how much of "
                    "it D-D² can absorb (grey: steps where it cannot, all of them at η = 0). The last step (t = 0) is an identity "
-                   "for the shipped schedules: its deviation cannot reach the sample.")
+                   "for the shipped schedules: its deviation cannot reach the sample. With the rtn backbone μ_Δ is mostly "
+                   "quantization's static offset, which a backbone removes once; with bias-correction or adaround it is the "
+                   "deviation left at each step, the one D²-DPM and PTQD model (Method, section 2).")
 PROMPT = ("**No comparison yet.** This view needs a run: press **Run comparison** (here, or on the Compare page) "
           "and it fills in. The Compare page shows a precomputed example meanwhile.")
 TRAJECTORIES_INTRO = "Distance of each method's sampling trajectory to the full-precision one, step by step."
