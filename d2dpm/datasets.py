@@ -1,4 +1,5 @@
-"""The data the embedded models were trained on: Emoji-32, Fashion-MNIST and a 2-D toy mixture.
+"""The image data the embedded models were trained on: Emoji-32 and Fashion-MNIST (the toy 2-D
+mixture, whose density the core draws, is in `d2dpm.toy`).
 
 Images come back as float32 NCHW tensors in [-1, 1], the range the models see.
 """
@@ -6,7 +7,6 @@ Images come back as float32 NCHW tensors in [-1, 1], the range the models see.
 from __future__ import annotations
 
 import gzip
-import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -71,68 +71,3 @@ def load_fashion_mnist(split: str = "train", directory: str | os.PathLike | None
     images = np.pad(_read_idx(images_path, 0x803), ((0, 0), (2, 2), (2, 2)))  # 0 is the black background
     labels = _read_idx(labels_path, 0x801).astype(np.int64)
     return ImageDataset(_to_unit_range(images)[:, None], torch.from_numpy(labels), list(FASHION_CLASSES))
-
-
-# The toy 2-D distribution: a Gaussian mixture, so its density is exact. Half the mass is a ring
-# of 8 round Gaussians; the other half is a spiral drawn as a chain of small overlapping Gaussians
-# (spaced by arc length, 1.75 std apart, so it reads as a continuous band). The whole mixture is
-# then centred and scaled to unit variance per coordinate.
-TOY_RING_MODES = 8
-TOY_RING_RADIUS = 2.0
-TOY_RING_STD = 0.12
-TOY_SPIRAL_COMPONENTS = 64
-TOY_SPIRAL_RADII = (0.3, 1.5)  # Archimedean, inner to outer radius over 1.5 turns
-TOY_SPIRAL_TURNS = 1.5
-TOY_SPIRAL_STD = 0.08
-
-
-def _toy_mixture_unscaled() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ring_angles = 2 * math.pi * np.arange(TOY_RING_MODES) / TOY_RING_MODES
-    ring = TOY_RING_RADIUS * np.stack([np.cos(ring_angles), np.sin(ring_angles)], 1)
-    # Place the spiral's components at equal arc-length steps along r(θ) = r0 + (r1 − r0) θ / θ_max.
-    theta_max = 2 * math.pi * TOY_SPIRAL_TURNS
-    fine = np.linspace(0.0, theta_max, 20001)
-    radius = TOY_SPIRAL_RADII[0] + (TOY_SPIRAL_RADII[1] - TOY_SPIRAL_RADII[0]) * fine / theta_max
-    points = np.stack([radius * np.cos(fine), radius * np.sin(fine)], 1)
-    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
-    theta = np.interp(np.linspace(0.0, arc[-1], TOY_SPIRAL_COMPONENTS), arc, fine)
-    spiral_radius = np.interp(theta, fine, radius)
-    spiral = np.stack([spiral_radius * np.cos(theta), spiral_radius * np.sin(theta)], 1)
-    means = np.concatenate([ring, spiral])
-    stds = np.concatenate([np.full(TOY_RING_MODES, TOY_RING_STD), np.full(TOY_SPIRAL_COMPONENTS, TOY_SPIRAL_STD)])
-    weights = np.concatenate([np.full(TOY_RING_MODES, 0.5 / TOY_RING_MODES), np.full(TOY_SPIRAL_COMPONENTS, 0.5 / TOY_SPIRAL_COMPONENTS)])
-    return means, stds, weights
-
-
-def _toy_mixture() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    means, stds, weights = _toy_mixture_unscaled()
-    center = weights @ means
-    # Per-coordinate variance of the mixture, averaged over x and y: E|x − c|² / 2.
-    variance = (weights * (np.sum((means - center) ** 2, axis=1) + 2 * stds**2)).sum() / 2
-    scale = 1.0 / math.sqrt(variance)
-    return (
-        torch.tensor((means - center) * scale, dtype=torch.float32),
-        torch.tensor(stds * scale, dtype=torch.float32),
-        torch.tensor(weights, dtype=torch.float32),
-        scale,
-    )
-
-
-TOY_MEANS, TOY_STDS, TOY_WEIGHTS, TOY_SCALE = _toy_mixture()
-TOY_RING_SLICE = slice(0, TOY_RING_MODES)  # rows of TOY_MEANS/TOY_STDS that are ring modes
-
-
-def sample_toy2d(n: int, generator: torch.Generator | None = None, return_components: bool = False):
-    """n points [n, 2] from the toy mixture; with return_components, also each point's component index."""
-    components = torch.multinomial(TOY_WEIGHTS, n, replacement=True, generator=generator)
-    noise = torch.randn(n, 2, generator=generator)
-    points = TOY_MEANS[components] + TOY_STDS[components, None] * noise
-    return (points, components) if return_components else points
-
-
-def toy2d_log_density(points: torch.Tensor) -> torch.Tensor:
-    """Exact log p(x) [N] of the toy mixture at points [N, 2] (isotropic Gaussian components)."""
-    points = points.float()
-    squared = ((points[:, None, :] - TOY_MEANS[None]) ** 2).sum(-1)
-    log_normal = -squared / (2 * TOY_STDS**2) - torch.log(2 * math.pi * TOY_STDS**2)
-    return torch.logsumexp(torch.log(TOY_WEIGHTS) + log_normal, dim=1)

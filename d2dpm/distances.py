@@ -244,7 +244,7 @@ def toy2d_distances(points: torch.Tensor, reference_count: int = 4096, seed: int
     """For toy2d samples [N, 2]: energy distance to fresh draws of the exact mixture, and the exact
     negative log-likelihood of the samples under the true density (nats/point; the density's own
     entropy, about the NLL of true samples, is the floor)."""
-    from .datasets import sample_toy2d, toy2d_log_density
+    from .toy import sample_toy2d, toy2d_log_density
 
     generator = torch.Generator().manual_seed(10_000 + seed)
     reference = sample_toy2d(reference_count, generator=generator)

@@ -613,10 +613,9 @@ def metrics_figure(metrics, kind: str = "image"):
 
 
 def _toy_density_grid(extent: float, n: int = 120):
-    try:  # the toy data set's exact density, when the training module that defines it is installed
-        from .datasets import toy2d_log_density
-    except ImportError:
-        return None
+    """The toy mixture's exact density on an n × n grid over [−extent, extent]²."""
+    from .toy import toy2d_log_density
+
     axis = np.linspace(-extent, extent, n)
     xx, yy = np.meshgrid(axis, axis)
     points = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
@@ -649,16 +648,14 @@ def particles_figure(result, paths: int | None = HIGHLIGHTED_PATHS, extent: floa
         finite = finals[np.isfinite(finals).all(1)]
         extent = float(min(max(np.percentile(np.abs(finite), 99) * 1.15, 2.5), 6.0)) if len(finite) else 3.0
     fig = go.Figure()
-    density = _toy_density_grid(extent)
-    if density is not None:
-        axis, values = density
-        # log density over the 6 nats below its peak: the ring and spiral are thin, a linear scale hid them
-        log_density = np.log(np.maximum(values.astype(np.float64), 1e-300))
-        peak = float(log_density.max())
-        fig.add_trace(go.Contour(x=axis, y=axis, z=np.maximum(log_density, peak - 6.0), colorscale=[[0, "#FFFFFF"], [0.3, "#DCE6F2"], [1, "#7FA6D1"]],
-                                 showscale=False, contours=dict(coloring="fill", showlines=True, start=peak - 5.0, end=peak, size=1.0),
-                                 line=dict(width=0.5, color="#A9BFD6"), hoverinfo="skip", name="data density (known)",
-                                 showlegend=True))
+    axis, values = _toy_density_grid(extent)
+    # log density over the 6 nats below its peak: the ring and spiral are thin, a linear scale hid them
+    log_density = np.log(np.maximum(values.astype(np.float64), 1e-300))
+    peak = float(log_density.max())
+    fig.add_trace(go.Contour(x=axis, y=axis, z=np.maximum(log_density, peak - 6.0), colorscale=[[0, "#FFFFFF"], [0.3, "#DCE6F2"], [1, "#7FA6D1"]],
+                             showscale=False, contours=dict(coloring="fill", showlines=True, start=peak - 5.0, end=peak, size=1.0),
+                             line=dict(width=0.5, color="#A9BFD6"), hoverinfo="skip", name="data density (known)",
+                             showlegend=True))
     background = len(fig.data)
     marker_size = 4 if n_moving > 256 else 6
 

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
-from .datasets import load_emoji32, load_fashion_mnist, sample_toy2d
+from .datasets import load_emoji32, load_fashion_mnist
 from .errors import ConfigError
 from .models import DEFAULT_SCHEDULER_CONFIG
-from .toy import ToyEpsMLP
+from .toy import ToyEpsMLP, sample_toy2d
 
 DATASETS = ("emoji", "fashion", "toy2d")
 # Defaults per data set for the flags left out: small image nets tolerate a high learning rate;

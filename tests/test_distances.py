@@ -146,7 +146,7 @@ def test_energy_distance_zero_for_same_law_and_grows_with_shift():
 
 
 def test_toy2d_distances_of_true_samples_and_of_a_broken_sampler():
-    from d2dpm.datasets import sample_toy2d
+    from d2dpm.toy import sample_toy2d
 
     true = sample_toy2d(2000, generator=torch.Generator().manual_seed(5))
     good = D.toy2d_distances(true, reference_count=2000)
