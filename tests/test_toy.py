@@ -7,7 +7,7 @@ import torch
 
 from d2dpm.models import load_model
 from d2dpm.toy import TOY_RING_MODES, TOY_RING_RADIUS, TOY_SCALE, ToyEpsMLP, sample_toy2d, toy2d_log_density
-from d2dpm.train import main as train_main
+from d2dpm.tools.train import main as train_main
 
 
 @pytest.mark.parametrize("input_frequencies", [0, 6])

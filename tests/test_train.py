@@ -9,7 +9,7 @@ import torch
 from d2dpm.cli import main as cli_main
 from d2dpm.errors import ConfigError
 from d2dpm.models import load_model
-from d2dpm.train import DEFAULTS, TrainingData, image_unet, learning_rate, main as train_main, steps_left
+from d2dpm.tools.train import DEFAULTS, TrainingData, image_unet, learning_rate, main as train_main, steps_left
 
 
 def test_balanced_drawing_makes_every_class_equally_likely():
@@ -73,7 +73,7 @@ def _plain(value):
 
 
 def test_weight_average_warms_up_so_the_initial_weights_fade_at_once():
-    from d2dpm.train import WeightAverage
+    from d2dpm.tools.train import WeightAverage
 
     network = torch.nn.Linear(2, 2)
     average = WeightAverage(network, decay=0.9995)

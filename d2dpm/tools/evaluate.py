@@ -5,7 +5,7 @@ same noise (`Workbench.compare`, in chunks of at most 64 images or 4096 toy poin
 
 - size MB, BOPs, compression and BOP ratios (from the comparison);
 - MSE and PSNR to the FP samples drawn from the same noise;
-- distances to the training data (see `d2dpm.distances`): SWD ×10³ (weights-free) for the image
+- distances to the training data (see `d2dpm.tools.distances`): SWD ×10³ (weights-free) for the image
   models; FD-FashionCNN for Fashion-MNIST; FD-EffNetLite0 and Inception FID when available;
   the energy distance and exact NLL for toy2d.
 
@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import ConfigError
-from .quant.fake import BACKBONES, DEFAULT_BACKBONE
+from ..errors import ConfigError
+from ..quant.fake import BACKBONES, DEFAULT_BACKBONE
 
 DEFAULT_METHODS = "fp,q,ptqd,s-d2,d-d2,mean-only,var-only,oracle"
 DISTANCE_NAMES = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "class_accuracy", "toy")
@@ -285,9 +285,9 @@ def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: flo
                   seed: int, suite: DistanceSuite, progress=None, include_fp: bool = True,
                   backbone: str = DEFAULT_BACKBONE) -> tuple[list[dict], object]:
     """One configuration and seed: all methods on N shared-noise samples; one row per method."""
-    from .experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig
-    from .metrics import per_image_errors
-    from .models import load_model
+    from ..experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig
+    from ..metrics import per_image_errors
+    from ..models import load_model
 
     samples: dict[str, list[torch.Tensor]] = {}
     labels: list[torch.Tensor] = []
@@ -372,11 +372,11 @@ def noise_diagnostics(workbench, model_spec: str, w_bits: int, a_bits: int, eta:
     ε − E' left after the conditional-mean correction E' = ε̂ − μ_cond(ε̂); and the variances of ε,
     ε̂ and E'. Var(E') < Var(ε) means mean correction leaves a variance *deficit*, which D-D²'s
     absorption (removing more variance) makes worse, while S-D²'s added draw fills it."""
-    from .calibration import fp_trajectories
-    from .experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
-    from .models import NoisePredictor
-    from .noise_model import by_channel
-    from .schedule import DDIMSchedule
+    from ..calibration import fp_trajectories
+    from ..experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
+    from ..models import NoisePredictor
+    from ..noise_model import by_channel
+    from ..schedule import DDIMSchedule
 
     model = workbench.model(model_spec)
     config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=steps, eta=eta, guidance=guidance, backbone=backbone,
@@ -531,7 +531,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    from .experiment import parse_methods
+    from ..experiment import parse_methods
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     if not models:
@@ -562,7 +562,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .experiment import Workbench
+    from ..experiment import Workbench
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -623,14 +623,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"wrote results.csv, per_seed.csv, results.md{', diagnostics.csv' if diagnostics else ''}, run.json to {out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m d2dpm.evaluate ARGS` is `d2dpm evaluate ARGS`."""
-    from .cli import main as cli_main
-
-    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

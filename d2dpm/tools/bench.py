@@ -39,9 +39,9 @@ from typing import Callable
 
 import torch
 
-from .quant.fake import BACKBONES, DEFAULT_BACKBONE
+from ..quant.fake import BACKBONES, DEFAULT_BACKBONE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPARE_METHODS = ("fp", "q", "ptqd", "s-d2", "d-d2")
 CORRECTIONS = ("ptqd", "s-d2", "d-d2", "mean-only", "var-only")
 TARGETS = {
@@ -179,11 +179,11 @@ def _model_folder_ddpm_cifar10(folder: Path) -> Path:
 
 def sampler_throughput(workbench, model_spec: str, batch: int, steps: int, guidance, repeats: int, warmup: int, calib_samples: int) -> dict:
     """Images/s of the FP-only and the quantized-only DDIM sampler at `batch`."""
-    from .corrections import Correction
-    from .experiment import CompareConfig
-    from .models import NoisePredictor
-    from .sampler import SamplerNoise, Track, sample
-    from .schedule import DDIMSchedule
+    from ..corrections import Correction
+    from ..experiment import CompareConfig
+    from ..models import NoisePredictor
+    from ..sampler import SamplerNoise, Track, sample
+    from ..schedule import DDIMSchedule
 
     model = workbench.model(model_spec)
     config = CompareConfig(model=model_spec, steps=steps, guidance=guidance, calib_samples=calib_samples).validated(model)
@@ -220,11 +220,11 @@ def _figure_arguments(argv: list[str]) -> list[str]:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from .calibration import calibrate
-    from .corrections import Correction, make_correction
-    from .experiment import CompareConfig, Workbench
-    from .models import NoisePredictor
-    from .schedule import DDIMSchedule
+    from ..calibration import calibrate
+    from ..corrections import Correction, make_correction
+    from ..experiment import CompareConfig, Workbench
+    from ..models import NoisePredictor
+    from ..schedule import DDIMSchedule
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -463,14 +463,3 @@ def run_bench_command(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(markdown_summary(report) + "\n")
     print(text)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m d2dpm.bench ARGS` is `d2dpm bench ARGS`."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
+from ..models import ASSETS_DIR
+
+DATA_DIR = ASSETS_DIR / "data"
 EMOJI32_FILE = DATA_DIR / "emoji32.npz"
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_DIR_ENV = "D2DPM_FASHION_DIR"

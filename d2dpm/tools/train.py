@@ -1,6 +1,6 @@
 """`d2dpm train`: train an embedded model (DDPM ε-prediction) and save it in d2dpm's model folder.
 
-    python -m d2dpm.train --dataset toy2d --out out/toy2d
+    d2dpm train --dataset toy2d --out out/toy2d
 
 The folder holds d2dpm_model.json, the EMA weights (unet/ or network/, safetensors), the DDIM
 scheduler config, training_log.csv, and checkpoint/training_state.pt (raw weights, optimizer,
@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import shlex
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
+from ..errors import ConfigError
+from ..models import DEFAULT_SCHEDULER_CONFIG
+from ..toy import ToyEpsMLP, sample_toy2d
 from .datasets import load_emoji32, load_fashion_mnist
-from .errors import ConfigError
-from .models import DEFAULT_SCHEDULER_CONFIG
-from .toy import ToyEpsMLP, sample_toy2d
 
 DATASETS = ("emoji", "fashion", "toy2d")
 # Defaults per data set for the flags left out: small image nets tolerate a high learning rate;
@@ -518,9 +517,3 @@ def main(argv: list[str] | None = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
-
-
-if __name__ == "__main__":  # `python -m d2dpm.train ARGS` is `d2dpm train ARGS`
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
