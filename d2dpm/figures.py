@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .corrections import METHODS
+from .methods import METHODS
 
 # One colour per method, everywhere (Okabe-Ito, safe for colour-blind readers): FP black,
 # the uncorrected quantized model vermillion, the baseline orange, D² in blues, the oracle green.

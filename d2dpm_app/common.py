@@ -30,14 +30,14 @@ from typing import Iterator
 
 import pandas as pd
 
-from d2dpm.quant import DEFAULT_BACKBONE as CORE_DEFAULT_BACKBONE
 from d2dpm.calibration import RECONSTRUCTION_INPUTS
+from d2dpm.config import DEFAULT_BACKBONE as CORE_DEFAULT_BACKBONE
+from d2dpm.config import BACKBONES, DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig
 from d2dpm.corrections import METHODS, method_for_switches
 from d2dpm.errors import Busy, Cancelled, ConfigError, check_int_range
-from d2dpm.experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig, ComparisonResult, default_workbench
+from d2dpm.experiment import ComparisonResult, default_workbench
 from d2dpm.figures import auto_scale, comparison_grid, method_label, result_grid, run_title, step_images, write_outputs
 from d2dpm.models import EMBEDDED_MODELS, extra_models
-from d2dpm.quant import BACKBONES
 
 log = logging.getLogger(__name__)
 

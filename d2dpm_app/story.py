@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from d2dpm.corrections import METHODS
+from d2dpm.methods import METHODS
 from d2dpm.figures import identity_steps
 from d2dpm.models import ASSETS_DIR
 
