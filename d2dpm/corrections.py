@@ -9,6 +9,8 @@ your own DDIM loop::
     x_prev, x0 = schedule.step(x_t, out.eps, coeff, out.sigma, z)
 
 where `coeff` is the step's `StepCoefficients` (ᾱ_t, ᾱ_prev, σ_t, k_t) from `DDIMSchedule`.
+Which correction a method name stands for is its entry in `d2dpm.methods.METHODS`; `make_correction`
+builds it.
 """
 
 from __future__ import annotations
@@ -32,9 +34,23 @@ class Corrected:
 
 
 class Correction:
-    """No correction: E' = ε̂, σ = σ_t."""
+    """No correction: E' = ε̂, σ = σ_t.
+
+    Every subclass is registered by its class name in `Correction.kinds`, which is how an entry of the
+    method registry (`d2dpm.methods.Method.correction`) names the class that makes it."""
 
     needs_fp_eps = False  # the oracle alone reads the FP output
+    needs_stats = False  # whether it is made from noise statistics
+    kinds: dict[str, type[Correction]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Correction.kinds[cls.__name__] = cls
+
+    @classmethod
+    def build(cls, stats: NoiseStatistics | None, granularity: str, **options) -> Correction:
+        """The correction for a run's statistics and noise-model granularity, with a registry entry's options."""
+        return cls(**options)
 
     def __call__(self, eps_hat: torch.Tensor, coeff: StepCoefficients, extra_noise=None, eps_fp=None) -> Corrected:
         return Corrected(eps_hat, coeff.sigma)
@@ -48,6 +64,9 @@ def absorb_variance(coeff: StepCoefficients, residual_std: torch.Tensor | float,
     return sigma_prime.to(like).view(_broadcast_shape(like, "channel"))
 
 
+Correction.kinds["Correction"] = Correction
+
+
 class DualDenoising(Correction):
     """D²-DPM (docs/method.md §3): remove the quantization noise's mean, then its variance.
 
@@ -57,6 +76,8 @@ class DualDenoising(Correction):
     variance removed is the unconditional σ_Δ (nothing is conditioned on ε̂).
     """
 
+    needs_stats = True
+
     def __init__(self, stats: NoiseStatistics, mode: str = "deterministic", mean: bool = True, variance: bool = True,
                  granularity: str = "channel"):
         if mode not in MODES:
@@ -64,6 +85,10 @@ class DualDenoising(Correction):
         self.stats, self.mode, self.mean, self.variance, self.granularity = stats, mode, mean, variance, granularity
         residual = stats.sigma_cond(granularity) if mean else stats.sigma_delta(granularity)
         self.residual_std = residual  # [S] or [S, C]
+
+    @classmethod
+    def build(cls, stats, granularity, **options):
+        return cls(stats, granularity=granularity, **options)
 
     def __call__(self, eps_hat, coeff, extra_noise=None, eps_fp=None) -> Corrected:
         _check_step(self.stats, coeff)
@@ -86,8 +111,14 @@ class DualDenoising(Correction):
 class PTQDCorrection(Correction):
     """PTQD (docs/method.md §4): E' = (ε̂ − b_{t,c})/(1 + s_t) with PTQD's slope s_t, σ_t' absorbs (σ_q/(1 + s_t))²."""
 
+    needs_stats = True
+
     def __init__(self, stats: NoiseStatistics):
         self.stats = stats
+
+    @classmethod
+    def build(cls, stats, granularity, **options):  # its bias is per channel, its slope per step, whatever the granularity
+        return cls(stats, **options)
 
     def __call__(self, eps_hat, coeff, extra_noise=None, eps_fp=None) -> Corrected:
         _check_step(self.stats, coeff)
@@ -115,36 +146,14 @@ def _check_step(stats: NoiseStatistics, coeff: StepCoefficients) -> None:
 
 
 def make_correction(method: str, stats: NoiseStatistics | None, granularity: str = "channel") -> Correction:
-    """The correction a method name stands for."""
+    """The correction a method name stands for: its registry entry's class and options (`d2dpm.methods`)."""
     if method not in METHODS:
         raise ConfigError("methods", method, ALLOWED_METHODS)
-    if method in ("fp", "q"):
-        return Correction()
-    if method == "oracle":
-        return OracleCorrection()
-    if stats is None:
+    entry = METHODS[method]
+    kind = Correction.kinds[entry.correction]
+    if kind.needs_stats and stats is None:
         raise ValueError(f"method {method} needs noise statistics")
-    if method == "ptqd":
-        return PTQDCorrection(stats)
-    mode, mean, variance = {
-        "s-d2": ("stochastic", True, True),
-        "d-d2": ("deterministic", True, True),
-        "mean-only": ("deterministic", True, False),
-        "var-only": ("deterministic", False, True),
-        "s-var-only": ("stochastic", False, True),
-    }[method]
-    return DualDenoising(stats, mode, mean, variance, granularity)
-
-
-def method_for_switches(mean: bool, variance: bool, mode: str) -> str | None:
-    """The method a UI's (mean, variance, mode) switches select; None when both are off."""
-    if mean and variance:
-        return "s-d2" if mode == "stochastic" else "d-d2"
-    if mean:
-        return "mean-only"  # S and D coincide when the variance half is off
-    if variance:
-        return "s-var-only" if mode == "stochastic" else "var-only"
-    return None
+    return kind.build(stats, granularity, **entry.kwargs)
 
 
 @torch.no_grad()

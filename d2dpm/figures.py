@@ -1,8 +1,8 @@
 """Pictures of a comparison, shared by the CLI and both UIs.
 
-Pillow for image grids and difference heat-maps, plotly for every curve. One colour per method
-(`METHOD_COLORS`) is used everywhere, in both UIs, so a student can follow "D-D²" from the image
-rows to the curves. Nothing here imports a UI library.
+Pillow for image grids and difference heat-maps, plotly for every curve. One colour and label per
+method (the registry's, `d2dpm.methods`) are used everywhere, in both UIs, so a student can follow
+"D-D²" from the image rows to the curves. Nothing here imports a UI library.
 """
 
 from __future__ import annotations
@@ -20,19 +20,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .methods import METHODS
 
-# One colour per method, everywhere (Okabe-Ito, safe for colour-blind readers): FP black,
-# the uncorrected quantized model vermillion, the baseline orange, D² in blues, the oracle green.
-METHOD_COLORS: dict[str, str] = {
-    "fp": "#222222",
-    "q": "#D55E00",
-    "ptqd": "#E69F00",
-    "s-d2": "#56B4E9",
-    "d-d2": "#0072B2",
-    "mean-only": "#CC79A7",
-    "var-only": "#8C564B",
-    "s-var-only": "#999999",
-    "oracle": "#009E73",
-}
 _EXTRA_COLORS = ("#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74")
 
 BACKGROUND = (255, 255, 255)
@@ -78,9 +65,9 @@ def _draw_text(draw: ImageDraw.ImageDraw, xy, label: str, size: int, anchor: str
 
 
 def method_color(method: str) -> str:
-    """The method's colour as '#RRGGBB' (a stable extra colour for names not in the palette)."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
+    """The method's colour as '#RRGGBB' (a stable extra colour for names not in the registry)."""
+    if method in METHODS:
+        return METHODS[method].colour
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
 
 
@@ -166,7 +153,7 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
     rows = []
     vmax = difference_scale(samples) if differences and "fp" in samples else None
     for method, batch in samples.items():
-        label = METHODS[method].label if method in METHODS else method
+        label = method_label(method)
         images = to_uint8_images(batch)
         tiles = [Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST) for image in images]
         rows.append((label, tiles, method_color(method)))

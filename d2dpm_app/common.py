@@ -33,10 +33,10 @@ import pandas as pd
 from d2dpm.calibration import RECONSTRUCTION_INPUTS
 from d2dpm.config import DEFAULT_BACKBONE as CORE_DEFAULT_BACKBONE
 from d2dpm.config import BACKBONES, DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig
-from d2dpm.corrections import METHODS, method_for_switches
 from d2dpm.errors import Busy, Cancelled, ConfigError, check_int_range
 from d2dpm.experiment import ComparisonResult, default_workbench
 from d2dpm.figures import auto_scale, comparison_grid, method_label, result_grid, run_title, step_images, write_outputs
+from d2dpm.methods import method_for_switches
 from d2dpm.models import EMBEDDED_MODELS, extra_models
 
 log = logging.getLogger(__name__)
@@ -551,6 +551,3 @@ def stats_caption(result: ComparisonResult, step: int) -> str:
     return (f"Step {step + 1} (t = {int(row['t'])}): μ_Δ = {row['mu_delta']:.4f}, σ_Δ = {row['sigma_delta']:.4f}, ρ = {row['rho']:.3f}, "
             f"σ_cond = {row['sigma_cond']:.4f}; residual variance {absorbed}.")
 
-
-def method_legend() -> str:
-    return "\n".join(f"- **{m.label}**: {m.description}" for m in METHODS.values())

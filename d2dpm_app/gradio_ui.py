@@ -16,6 +16,7 @@ import gradio as gr
 
 from d2dpm import figures, teaching
 from d2dpm.experiment import ComparisonResult, CompareProgress, default_workbench
+from d2dpm.methods import METHODS
 
 from . import common, story
 
@@ -58,8 +59,7 @@ def theme():
 
 
 def _chips() -> str:
-    main = ["fp", "q", "ptqd", "s-d2", "d-d2", "mean-only", "var-only", "oracle"]
-    return " ".join(f'<span class="method-chip" style="background:{figures.method_color(m)}">{figures.method_label(m)}</span>' for m in main)
+    return " ".join(f'<span class="method-chip" style="background:{m.colour}">{m.label}</span>' for m in METHODS.values())
 
 
 # -- event handlers (plain functions: the tests call them too)
