@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default=common.DEFAULT_BACKBONE, choices=common.BACKBONE_CHOICES)
     parser.add_argument("--steps", type=int, default=CompareConfig().steps)
     parser.add_argument("--num-images", type=int, default=None, help="default: the apps' default (8 images, 1000 points)")
-    parser.add_argument("--calib-samples", type=int, default=common.DEFAULT_CALIB_SAMPLES)
+    parser.add_argument("--calib-samples", type=int, default=CompareConfig().calib_samples)
     parser.add_argument("--out", type=Path, default=None, help="default: assets/example (or $D2DPM_EXAMPLE_DIR)")
     args = parser.parse_args(argv)
     # The core's configuration, not the apps' plan: an operator's script is not held to a visitor's
