@@ -56,15 +56,15 @@ class Correction:
         return Corrected(eps_hat, coeff.sigma)
 
 
+Correction.kinds["Correction"] = Correction  # its subclasses register themselves
+
+
 def absorb_variance(coeff: StepCoefficients, residual_std: torch.Tensor | float, like: torch.Tensor) -> float | torch.Tensor:
     """σ_t' of `StepCoefficients.absorbed_sigma`, shaped to broadcast over `like` when per channel."""
     sigma_prime = coeff.absorbed_sigma(residual_std)
     if isinstance(sigma_prime, float):
         return sigma_prime
     return sigma_prime.to(like).view(_broadcast_shape(like, "channel"))
-
-
-Correction.kinds["Correction"] = Correction
 
 
 class DualDenoising(Correction):
