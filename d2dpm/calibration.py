@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .config import StatsConfig
 from .corrections import Correction
 from .models import DiffusionModel, NoisePredictor, network_output
-from .noise_model import NoiseStatistics, PairAccumulator, StatsConfig
+from .noise_model import NoiseStatistics, PairAccumulator
 from .quant import ActivationObserver, concat_splits, quantize_network, reconstruct
 from .sampler import SamplerNoise, Track, sample
 from .schedule import DDIMSchedule

@@ -5,9 +5,10 @@ errors, configuration errors, unusable models, statistics files and output locat
 `--out` is checked before any work, and outputs are written to a temporary name and moved into
 place, so a failed run leaves nothing half-written.
 
-Only this module, `errors` and the standard library load before the command runs: `d2dpm --help`
-and argument errors never import torch, diffusers or the command modules (train, evaluate and
-bench are imported only when their own command is chosen, since they define its arguments).
+Only this module, `config`, `methods`, `errors`, `tools.arguments` and the standard library load
+before a command runs: `d2dpm --help`, a command's `--help` and argument errors never import torch,
+diffusers or the modules that run the commands (each handler imports its own). The defaults and the
+allowed values come from `d2dpm.config`, the method names from `d2dpm.methods`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError
+from .config import (ACTIVATION_BITS, BACKBONES, CALIB_SAMPLES_RANGE, DEFAULT_CALIB_SAMPLES, ETA_RANGE, GRANULARITIES, MAX_CALIB_SEED,
+                     MAX_GUIDANCE, MAX_IMAGES, MAX_POINTS, MAX_SEED, NOT_QUANTIZED_BITS, RANGE_METHODS, WEIGHT_BITS, CompareConfig)
+from .errors import ConfigError, int_range_text
+from .methods import METHODS
+from .tools.arguments import add_bench_arguments, add_evaluate_arguments, add_train_arguments
 
 EXIT_BAD_INPUT = 2
 COMMANDS = {
@@ -30,19 +35,18 @@ COMMANDS = {
     "bench": "speed and memory figures as one JSON object",
 }
 # What each integer flag allows, for the one-line message when it gets something else
-# (the core checks the ranges themselves; these texts match its messages).
-SEED_RANGE = "an integer from 0 to 9223372036854775807"
+# (the core checks the ranges themselves, with the same words).
 ALLOWED = {
-    "w_bits": "an integer from 2 to 8, or 16, 32",
-    "a_bits": "an integer from 4 to 8, or 16, 32",
+    "w_bits": int_range_text(*WEIGHT_BITS, NOT_QUANTIZED_BITS),
+    "a_bits": int_range_text(*ACTIVATION_BITS, NOT_QUANTIZED_BITS),
     "steps": "an integer from 1 to the model's training steps (1000 for the embedded models)",
-    "calib_samples": "an integer from 2 to 4096",
-    "calib_seed": "an integer from 0 to 4294967295",
+    "calib_samples": int_range_text(*CALIB_SAMPLES_RANGE),
+    "calib_seed": int_range_text(0, MAX_CALIB_SEED),
     "class_label": "an integer from 0 to the number of classes − 1",
-    "seed": SEED_RANGE,
-    "num_images": "an integer from 1 to 64 (4096 for point models)",
+    "seed": int_range_text(0, MAX_SEED),
+    "num_images": f"{int_range_text(1, MAX_IMAGES)} ({MAX_POINTS} for point models)",
 }
-METHOD_NAMES = "fp, q, ptqd, s-d2, d-d2, mean-only, var-only, s-var-only, oracle"
+DEFAULT = CompareConfig()  # every default of stats and compare
 
 
 class BadArguments(Exception):
@@ -85,25 +89,34 @@ def number(allowed: str):
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments that define a configuration (shared by stats and compare)."""
-    parser.add_argument("--model", default="emoji", help="emoji, fashion, toy2d, a local diffusers folder or a hub id (default: emoji)")
-    parser.add_argument("--w-bits", type=integer(ALLOWED["w_bits"]), default=4, help="weight bits: 2-8, or 16/32 for not quantized (default 4)")
-    parser.add_argument("--a-bits", type=integer(ALLOWED["a_bits"]), default=8, help="activation bits: 4-8, or 16/32 for not quantized (default 8)")
-    parser.add_argument("--steps", type=integer(ALLOWED["steps"]), default=20, help="DDIM steps, 1 to the training steps (default 20)")
-    parser.add_argument("--eta", type=number("a number from 0 to 1"), default=0.0, help="DDIM η in [0, 1]: 0 deterministic DDIM, 1 DDPM-like (default 0)")
-    parser.add_argument("--guidance", type=number("a number from 0 to 20"), default=None, help="classifier-free guidance scale (default 3 for class-conditional models)")
-    parser.add_argument("--calib-samples", type=integer(ALLOWED["calib_samples"]), default=None, help="calibration trajectories (default 128)")
-    parser.add_argument("--calib-seed", type=integer(ALLOWED["calib_seed"]), default=0, help="seed of the calibration trajectories (default 0)")
-    parser.add_argument("--range", dest="range_method", choices=("mse", "minmax"), default="mse", help="clipping range search (default mse)")
+    parser.add_argument("--model", default=DEFAULT.model,
+                        help=f"emoji, fashion, toy2d, a local diffusers folder or a hub id (default: {DEFAULT.model})")
+    parser.add_argument("--w-bits", type=integer(ALLOWED["w_bits"]), default=DEFAULT.w_bits,
+                        help=f"weight bits: {WEIGHT_BITS[0]}-{WEIGHT_BITS[1]}, or 16/32 for not quantized (default {DEFAULT.w_bits})")
+    parser.add_argument("--a-bits", type=integer(ALLOWED["a_bits"]), default=DEFAULT.a_bits,
+                        help=f"activation bits: {ACTIVATION_BITS[0]}-{ACTIVATION_BITS[1]}, or 16/32 for not quantized (default {DEFAULT.a_bits})")
+    parser.add_argument("--steps", type=integer(ALLOWED["steps"]), default=DEFAULT.steps,
+                        help=f"DDIM steps, 1 to the training steps (default {DEFAULT.steps})")
+    parser.add_argument("--eta", type=number(f"a number from {ETA_RANGE[0]:g} to {ETA_RANGE[1]:g}"), default=DEFAULT.eta,
+                        help=f"DDIM η in [0, 1]: 0 deterministic DDIM, 1 DDPM-like (default {DEFAULT.eta:g})")
+    parser.add_argument("--guidance", type=number(f"a number from 0 to {MAX_GUIDANCE:g}"), default=DEFAULT.guidance,
+                        help=f"classifier-free guidance scale (default {CompareConfig.default_guidance(True):g} for class-conditional models)")
+    parser.add_argument("--calib-samples", type=integer(ALLOWED["calib_samples"]), default=DEFAULT.calib_samples,
+                        help=f"calibration trajectories (default {DEFAULT_CALIB_SAMPLES})")
+    parser.add_argument("--calib-seed", type=integer(ALLOWED["calib_seed"]), default=DEFAULT.calib_seed,
+                        help=f"seed of the calibration trajectories (default {DEFAULT.calib_seed})")
+    parser.add_argument("--range", dest="range_method", choices=RANGE_METHODS, default=DEFAULT.range_method,
+                        help=f"clipping range search (default {DEFAULT.range_method})")
     parser.add_argument("--all-layers-low-bit", action="store_true", help="quantize the first and last layer at the low bit-width too")
-    parser.add_argument("--backbone", choices=("adaround", "bias-correction", "rtn"), default="bias-correction",
+    parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULT.backbone,
                         help="how the quantized network is made: adaround (learned rounding, split skip inputs, bias correction; "
                              "the paper's kind of backbone), bias-correction (round to nearest + per-layer bias correction), "
-                             "rtn (round to nearest) (default bias-correction; adaround is slow on a CPU without shipped statistics)")
+                             f"rtn (round to nearest) (default {DEFAULT.backbone}; adaround is slow on a CPU without shipped statistics)")
 
 
-def _config(args: argparse.Namespace, **extra):
-    from .experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
-
+def _config(args: argparse.Namespace, **extra) -> CompareConfig:
+    """The configuration the flags describe, checked as far as it can be without the model (so a value
+    out of range is refused before anything heavy loads)."""
     return CompareConfig(
         model=args.model,
         w_bits=args.w_bits,
@@ -111,13 +124,13 @@ def _config(args: argparse.Namespace, **extra):
         steps=args.steps,
         eta=args.eta,
         guidance=args.guidance,
-        calib_samples=args.calib_samples if args.calib_samples is not None else DEFAULT_CALIB_SAMPLES,
+        calib_samples=args.calib_samples,
         calib_seed=args.calib_seed,
         range_method=args.range_method,
         keep_edge_layers_8bit=not args.all_layers_low_bit,
         backbone=args.backbone,
         **extra,
-    )
+    ).checked()
 
 
 def _progress_printer(prefix: str):
@@ -206,10 +219,10 @@ def _replace_atomically(path: Path, write) -> None:
 
 def run_stats(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, ".safetensors")
+    config = _config(args)
     from .experiment import compute_statistics
     from .schedule import DDIMSchedule
 
-    config = _config(args)
     model, stats = compute_statistics(config, progress=_progress_printer("calibrating"))
     table = stats.table(DDIMSchedule(model.scheduler_config, stats.config.steps, stats.config.eta))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,11 +235,11 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out)
+    config = _config(args, class_label=args.class_label, methods=args.methods, seed=args.seed, num_images=args.num_images,
+                     stats_path=args.stats, granularity=args.granularity)
     from .experiment import default_workbench
     from .figures import write_outputs
 
-    config = _config(args, class_label=args.class_label, methods=args.methods, seed=args.seed, num_images=args.num_images,
-                     stats_path=args.stats, granularity=args.granularity)
     result = default_workbench().compare(config, progress=_progress_printer("calibrating"))
     written = write_outputs(result, out)
     columns = ["method", "bits", "mse_to_fp", "psnr_to_fp", "size_mb", "gbops"]
@@ -238,24 +251,26 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import run_train
+    from .tools.train import run_train
 
     print(f"wrote {run_train(args)}")
     return 0
 
 
-def _lazy_handler(module: str, function: str):
-    def handler(args: argparse.Namespace) -> int:
-        import importlib
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .tools.evaluate import run_evaluate
 
-        return getattr(importlib.import_module(f".{module}", __package__), function)(args)
-
-    return handler
+    return run_evaluate(args)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; train, evaluate and bench get their arguments (and their module is imported)
-    only when `command` names them."""
+def _run_bench(args: argparse.Namespace) -> int:
+    from .tools.bench import run_bench_command
+
+    return run_bench_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (nothing heavy is imported to build it)."""
     parser = Parser(prog="d2dpm", description="D²-DPM: quantization noise in diffusion sampling, and its dual denoising")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -266,38 +281,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help=COMMANDS["compare"], description=COMMANDS["compare"])
     _add_run_arguments(compare)
-    compare.add_argument("--class", dest="class_label", type=integer(ALLOWED["class_label"]), default=None,
+    compare.add_argument("--class", dest="class_label", type=integer(ALLOWED["class_label"]), default=DEFAULT.class_label,
                          help="class index (default: images cycle through the classes)")
-    compare.add_argument("--methods", default="fp,q,ptqd,s-d2,d-d2", help="comma-separated: " + METHOD_NAMES.replace(" ", ""))
-    compare.add_argument("--seed", type=integer(ALLOWED["seed"]), default=0)
-    compare.add_argument("--num-images", type=integer(ALLOWED["num_images"]), default=8)
-    compare.add_argument("--granularity", choices=("channel", "tensor"), default="channel", help="noise model per channel or per tensor (default channel)")
+    compare.add_argument("--methods", default=",".join(DEFAULT.methods),
+                         help=f"comma-separated: {','.join(METHODS)} (default {','.join(DEFAULT.methods)})")
+    compare.add_argument("--seed", type=integer(ALLOWED["seed"]), default=DEFAULT.seed)
+    compare.add_argument("--num-images", type=integer(ALLOWED["num_images"]), default=DEFAULT.num_images)
+    compare.add_argument("--granularity", choices=GRANULARITIES, default=DEFAULT.granularity,
+                         help=f"noise model per channel or per tensor (default {DEFAULT.granularity})")
     compare.add_argument("--stats", default=None, help="a statistics file from `d2dpm stats` (default: shipped, cached or calibrated now)")
     compare.add_argument("--out", required=True, help="output folder")
     compare.set_defaults(handler=run_compare)
 
-    for name, (module, add, run) in {"train": ("train", "add_train_arguments", None),
-                                     "evaluate": ("evaluate", "add_evaluate_arguments", "run_evaluate"),
-                                     "bench": ("bench", "add_bench_arguments", "run_bench_command")}.items():
-        sub = commands.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
-        if command == name:
-            import importlib
-
-            getattr(importlib.import_module(f".{module}", __package__), add)(sub)
-            sub.set_defaults(handler=_run_train if name == "train" else _lazy_handler(module, run))
+    for name, add, run in (("train", add_train_arguments, _run_train), ("evaluate", add_evaluate_arguments, _run_evaluate),
+                           ("bench", add_bench_arguments, _run_bench)):
+        command = commands.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
+        add(command)
+        command.set_defaults(handler=run)
     return parser
-
-
-def _command(argv: list[str]) -> str | None:
-    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = _command(argv)
     try:
-        parser = build_parser(command if command in COMMANDS else None)
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except BadArguments as error:
         print(error, file=sys.stderr)
         return EXIT_BAD_INPUT

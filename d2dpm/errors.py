@@ -16,9 +16,14 @@ class ConfigError(ValueError):
         super().__init__(f"{argument}: got {given!r}; allowed: {allowed}")
 
 
+def int_range_text(low: int, high: int, extra: tuple[int, ...] = ()) -> str:
+    """What `check_int_range` allows, in the words of its message."""
+    return f"an integer from {low} to {high}" + (f", or {', '.join(map(str, extra))}" if extra else "")
+
+
 def check_int_range(argument: str, value, low: int, high: int, extra: tuple[int, ...] = ()) -> int:
     """Return ``value`` as int if it lies in [low, high] (or in ``extra``), else raise ConfigError."""
-    allowed = f"an integer from {low} to {high}" + (f", or {', '.join(map(str, extra))}" if extra else "")
+    allowed = int_range_text(low, high, extra)
     try:
         as_int = int(str(value).strip()) if isinstance(value, str) else int(value)
     except (TypeError, ValueError, OverflowError):

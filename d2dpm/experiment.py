@@ -3,6 +3,7 @@
 `Workbench` owns what is expensive and shareable (loaded models, calibrated statistics,
 quantized networks), each built once per key and safe to share between threads; a comparison
 itself keeps all its state in local variables, so concurrent visitors cannot disturb each other.
+What a comparison is, with its defaults, is `d2dpm.config.CompareConfig`.
 """
 
 from __future__ import annotations
@@ -22,23 +23,19 @@ import torch
 from torch import nn
 
 from .calibration import ProgressCallback, calibrate
-from .corrections import METHODS, make_correction
-from .errors import Cancelled, ConfigError, check_float_range, check_int_range
+from .config import CompareConfig, StatsConfig
+from .corrections import make_correction
+from .errors import Cancelled, ConfigError
+from .methods import METHODS
 from .metrics import per_image_errors, trajectory_table
 from .models import ASSETS_DIR, DiffusionModel, NoisePredictor, load_model
-from .noise_model import GRANULARITIES, NoiseStatistics, StatsConfig
-from .quant import DEFAULT_BACKBONE, Efficiency, QuantConfig, count_macs, efficiency, quantize_network
+from .noise_model import NoiseStatistics
+from .quant import Efficiency, count_macs, efficiency, quantize_network
 from .sampler import SamplerNoise, StepRecord, Track, sample
 from .schedule import DDIMSchedule
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("fp", "q", "ptqd", "s-d2", "d-d2")
-DEFAULT_CALIB_SAMPLES = 128
-MAX_IMAGES = 64
-MAX_POINTS = 4096  # a toy2d "image" is one 2-D point: a cloud of thousands costs less than one 32×32 image
-MAX_GUIDANCE = 20.0
-MAX_CALIB_SEED = 2**32 - 1  # calibration derives per-batch seeds as seed · 1 000 003 + batch: stay within 64 bits
 # In-memory caches of a Workbench, least recently used dropped first (a quantized network is a copy of the model).
 MAX_CACHED_STATS = int(os.environ.get("D2DPM_MAX_CACHED_STATS", "32"))
 MAX_CACHED_NETWORKS = int(os.environ.get("D2DPM_MAX_CACHED_NETWORKS", "4"))
@@ -47,25 +44,6 @@ SHIPPED_STATS_DIR = ASSETS_DIR / "stats"
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("D2DPM_CACHE_DIR", Path.home() / ".cache" / "d2dpm"))
-
-
-def parse_methods(methods) -> tuple[str, ...]:
-    """Method names from a comma-separated string or a sequence; FP always comes first."""
-    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
-    names = [m for m in names if m]
-    for name in names:
-        if name not in METHODS:
-            raise ConfigError("methods", name, ", ".join(METHODS))
-    return tuple(dict.fromkeys(["fp", *names]))
-
-
-def _checked_methods(methods) -> tuple[str, ...]:
-    """parse_methods, refusing an empty list: a comparison needs at least one method beside FP's reference."""
-    names = methods.split(",") if isinstance(methods, str) else [str(m) for m in methods]
-    if not any(name.strip() for name in names):
-        raise ConfigError("methods", methods if isinstance(methods, str) else ",".join(names),
-                          "one or more of " + ", ".join(METHODS) + " (comma-separated)")
-    return parse_methods(methods)
 
 
 class LRU:
@@ -131,76 +109,6 @@ def load_statistics(path, expected: StatsConfig | None = None) -> NoiseStatistic
         raise
     except Exception as error:  # a file with the right metadata but damaged tensors
         raise ConfigError("stats", str(path), f"a complete statistics file written by `d2dpm stats` ({type(error).__name__} reading it)") from None
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """One comparison: a model, a quantization, a sampler, and the methods to run side by side."""
-
-    model: str = "emoji"
-    w_bits: int = 4
-    a_bits: int = 8
-    steps: int = 20
-    eta: float = 0.0
-    guidance: float | None = None  # None: 3 for class-conditional models, 1 otherwise
-    class_label: int | None = None  # None: images cycle through the classes
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seed: int = 0
-    num_images: int = 8
-    calib_samples: int = DEFAULT_CALIB_SAMPLES
-    calib_seed: int = 0
-    granularity: str = "channel"
-    range_method: str = "mse"
-    keep_edge_layers_8bit: bool = True
-    backbone: str = DEFAULT_BACKBONE  # how the quantized network is made: adaround, bias-correction or rtn
-    stats_path: str | None = None  # an explicit statistics file (else shipped, cached or calibrated)
-
-    def validated(self, model: DiffusionModel) -> "CompareConfig":
-        """Check every field against `model`; return the config with defaults resolved."""
-        QuantConfig(self.w_bits, self.a_bits, self.range_method, self.keep_edge_layers_8bit, self.backbone)
-        train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
-        guidance = self.guidance
-        if guidance is None:
-            guidance = 3.0 if model.conditional else 1.0
-        guidance = check_float_range("guidance", guidance, 0.0, MAX_GUIDANCE)
-        if not model.conditional and guidance != 1.0:
-            raise ConfigError("guidance", guidance, "1 (the model is unconditional: classifier-free guidance needs a class-conditional model)")
-        class_label = self.class_label
-        if class_label is not None:
-            if not model.conditional:
-                raise ConfigError("class", class_label, "none (the model is unconditional)")
-            class_label = check_int_range("class", class_label, 0, model.num_classes - 1)
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError("granularity", self.granularity, " or ".join(GRANULARITIES))
-        return dataclasses.replace(
-            self,
-            w_bits=int(self.w_bits),
-            a_bits=int(self.a_bits),
-            steps=check_int_range("steps", self.steps, 1, train_steps),
-            eta=check_float_range("eta", self.eta, 0.0, 1.0),
-            guidance=guidance,
-            class_label=class_label,
-            methods=_checked_methods(self.methods),
-            seed=check_int_range("seed", self.seed, 0, 2**63 - 1),
-            num_images=check_int_range("num_images", self.num_images, 1, MAX_POINTS if model.kind == "points" else MAX_IMAGES),
-            calib_samples=check_int_range("calib_samples", self.calib_samples, 2, 4096),
-            calib_seed=check_int_range("calib_seed", self.calib_seed, 0, MAX_CALIB_SEED),
-        )
-
-    def stats_config(self, model: DiffusionModel) -> StatsConfig:
-        return StatsConfig(
-            model=model.identity,
-            w_bits=int(self.w_bits),
-            a_bits=int(self.a_bits),
-            steps=int(self.steps),
-            eta=float(self.eta),
-            guidance=float(self.guidance),
-            calib_samples=int(self.calib_samples),
-            seed=int(self.calib_seed),
-            range_method=self.range_method,
-            keep_edge_layers_8bit=bool(self.keep_edge_layers_8bit),
-            backbone=self.backbone,
-        )
 
 
 @dataclass

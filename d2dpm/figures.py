@@ -1,8 +1,8 @@
 """Pictures of a comparison, shared by the CLI and both UIs.
 
-Pillow for image grids and difference heat-maps, plotly for every curve. One colour per method
-(`METHOD_COLORS`) is used everywhere, in both UIs, so a student can follow "D-D²" from the image
-rows to the curves. Nothing here imports a UI library.
+Pillow for image grids and difference heat-maps, plotly for every curve. One colour and label per
+method (the registry's, `d2dpm.methods`) are used everywhere, in both UIs, so a student can follow
+"D-D²" from the image rows to the curves. Nothing here imports a UI library.
 """
 
 from __future__ import annotations
@@ -18,21 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .corrections import METHODS
+from .methods import METHODS
 
-# One colour per method, everywhere (Okabe-Ito, safe for colour-blind readers): FP black,
-# the uncorrected quantized model vermillion, the baseline orange, D² in blues, the oracle green.
-METHOD_COLORS: dict[str, str] = {
-    "fp": "#222222",
-    "q": "#D55E00",
-    "ptqd": "#E69F00",
-    "s-d2": "#56B4E9",
-    "d-d2": "#0072B2",
-    "mean-only": "#CC79A7",
-    "var-only": "#8C564B",
-    "s-var-only": "#999999",
-    "oracle": "#009E73",
-}
 _EXTRA_COLORS = ("#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74")
 
 BACKGROUND = (255, 255, 255)
@@ -78,9 +65,9 @@ def _draw_text(draw: ImageDraw.ImageDraw, xy, label: str, size: int, anchor: str
 
 
 def method_color(method: str) -> str:
-    """The method's colour as '#RRGGBB' (a stable extra colour for names not in the palette)."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
+    """The method's colour as '#RRGGBB' (a stable extra colour for names not in the registry)."""
+    if method in METHODS:
+        return METHODS[method].colour
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
 
 
@@ -166,7 +153,7 @@ def comparison_grid(samples: dict[str, torch.Tensor], kind: str, scale: int = 3,
     rows = []
     vmax = difference_scale(samples) if differences and "fp" in samples else None
     for method, batch in samples.items():
-        label = METHODS[method].label if method in METHODS else method
+        label = method_label(method)
         images = to_uint8_images(batch)
         tiles = [Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST) for image in images]
         rows.append((label, tiles, method_color(method)))
@@ -613,10 +600,9 @@ def metrics_figure(metrics, kind: str = "image"):
 
 
 def _toy_density_grid(extent: float, n: int = 120):
-    try:  # the toy data set's exact density, when the training module that defines it is installed
-        from .datasets import toy2d_log_density
-    except ImportError:
-        return None
+    """The toy mixture's exact density on an n × n grid over [−extent, extent]²."""
+    from .toy import toy2d_log_density
+
     axis = np.linspace(-extent, extent, n)
     xx, yy = np.meshgrid(axis, axis)
     points = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
@@ -649,16 +635,14 @@ def particles_figure(result, paths: int | None = HIGHLIGHTED_PATHS, extent: floa
         finite = finals[np.isfinite(finals).all(1)]
         extent = float(min(max(np.percentile(np.abs(finite), 99) * 1.15, 2.5), 6.0)) if len(finite) else 3.0
     fig = go.Figure()
-    density = _toy_density_grid(extent)
-    if density is not None:
-        axis, values = density
-        # log density over the 6 nats below its peak: the ring and spiral are thin, a linear scale hid them
-        log_density = np.log(np.maximum(values.astype(np.float64), 1e-300))
-        peak = float(log_density.max())
-        fig.add_trace(go.Contour(x=axis, y=axis, z=np.maximum(log_density, peak - 6.0), colorscale=[[0, "#FFFFFF"], [0.3, "#DCE6F2"], [1, "#7FA6D1"]],
-                                 showscale=False, contours=dict(coloring="fill", showlines=True, start=peak - 5.0, end=peak, size=1.0),
-                                 line=dict(width=0.5, color="#A9BFD6"), hoverinfo="skip", name="data density (known)",
-                                 showlegend=True))
+    axis, values = _toy_density_grid(extent)
+    # log density over the 6 nats below its peak: the ring and spiral are thin, a linear scale hid them
+    log_density = np.log(np.maximum(values.astype(np.float64), 1e-300))
+    peak = float(log_density.max())
+    fig.add_trace(go.Contour(x=axis, y=axis, z=np.maximum(log_density, peak - 6.0), colorscale=[[0, "#FFFFFF"], [0.3, "#DCE6F2"], [1, "#7FA6D1"]],
+                             showscale=False, contours=dict(coloring="fill", showlines=True, start=peak - 5.0, end=peak, size=1.0),
+                             line=dict(width=0.5, color="#A9BFD6"), hoverinfo="skip", name="data density (known)",
+                             showlegend=True))
     background = len(fig.data)
     marker_size = 4 if n_moving > 256 else 6
 

@@ -9,9 +9,8 @@ and channel). Conditioned on the observed ε̂:
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,50 +18,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .config import StatsConfig, check_granularity
 from .errors import ConfigError
-from .quant import DEFAULT_BACKBONE, QuantConfig, Quantizer
+from .quant import Quantizer
 
 RHO_LIMIT = 0.9999
 OUTLIER_SIGMAS = 4.0
 PAIRS_KEPT_FOR_FIGURES = 4096
-GRANULARITIES = ("channel", "tensor")
-# 2: the quantizer (backbone, weight grids, AdaRound rounding, bias corrections) is saved in full, and
-# calibration draws its trajectories through the sampler's noise (another order of random draws).
-STATS_FORMAT_VERSION = 2
-
-
-@dataclass(frozen=True)
-class StatsConfig:
-    """Everything that produced a set of statistics: loading them for anything else is refused."""
-
-    model: str  # the model's identity: name and weights hash
-    w_bits: int
-    a_bits: int
-    steps: int
-    eta: float
-    guidance: float
-    calib_samples: int
-    seed: int
-    range_method: str = "mse"
-    keep_edge_layers_8bit: bool = True
-    backbone: str = DEFAULT_BACKBONE
-    format_version: int = STATS_FORMAT_VERSION
-
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig(self.w_bits, self.a_bits, self.range_method, self.keep_edge_layers_8bit, self.backbone)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    def key(self) -> str:
-        """A short stable hash of the configuration, for cache file names."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
-
-    def differences(self, other: "StatsConfig") -> list[str]:
-        return [f"{f.name}: file has {getattr(self, f.name)!r}, wanted {getattr(other, f.name)!r}"
-                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
-
-
 FIT_KEYS = ("mu_x", "mu_y", "var_x", "var_y", "cov", "n")
 
 
@@ -111,8 +73,7 @@ class NoiseStatistics:
     # -- the conditional model (docs/method.md §2)
 
     def _fit(self, granularity: str) -> dict[str, torch.Tensor]:
-        if granularity not in GRANULARITIES:
-            raise ConfigError("granularity", granularity, " or ".join(GRANULARITIES))
+        check_granularity(granularity)
         return self.channel if granularity == "channel" else self.tensor
 
     def rho(self, granularity: str = "channel") -> torch.Tensor:

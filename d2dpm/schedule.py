@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from .errors import ConfigError, check_float_range, check_int_range
+from .config import check_eta
+from .errors import ConfigError, check_int_range
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class DDIMSchedule:
         scheduler = DDIMScheduler.from_config(dict(scheduler_config))
         train_steps = int(scheduler.config.num_train_timesteps)
         self.num_steps = check_int_range("steps", num_steps, 1, train_steps)
-        self.eta = check_float_range("eta", eta, 0.0, 1.0)
+        self.eta = check_eta(eta)
         if scheduler.config.prediction_type != "epsilon":
             raise ConfigError(
                 "model", f"prediction_type={scheduler.config.prediction_type}", "an ε-prediction model (prediction_type='epsilon')"

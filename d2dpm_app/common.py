@@ -1,5 +1,5 @@
-"""What both UIs share and neither may compute twice: turning widget values into a
-`CompareConfig`, the work budget, the run lanes, the model summary, display tables, downloads and captions.
+"""What both UIs share and neither may compute twice: the settings widgets' values as one `Controls`,
+turned into a `CompareConfig`, the work budget, the run lanes, the model summary, display tables, downloads and captions.
 
 No UI library is imported here; `gradio_ui` and `streamlit_ui` are thin layers over it.
 
@@ -24,19 +24,19 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 
 from d2dpm.calibration import RECONSTRUCTION_INPUTS
-from d2dpm.corrections import METHODS, method_for_switches
+from d2dpm.config import BACKBONES, GRANULARITIES, MAX_IMAGES, MAX_POINTS, CompareConfig
 from d2dpm.errors import Busy, Cancelled, ConfigError, check_int_range
-from d2dpm.experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig, ComparisonResult, default_workbench
+from d2dpm.experiment import ComparisonResult, default_workbench
 from d2dpm.figures import auto_scale, comparison_grid, method_label, result_grid, run_title, step_images, write_outputs
+from d2dpm.methods import ALWAYS, DUAL, METHODS, ROW, method_for_switches
 from d2dpm.models import EMBEDDED_MODELS, extra_models
-from d2dpm.quant import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,13 @@ BACKBONE_CHOICES = list(BACKBONES)
 # The paper-like backbone, shipped for every default view (the core's default, bias-correction, is the
 # one any configuration can calibrate in seconds on a CPU, so the CLI keeps it).
 DEFAULT_BACKBONE = os.environ.get("D2DPM_APP_BACKBONE", "adaround")
+DEFAULT = CompareConfig()  # the comparison the controls start from
 PRESETS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A6": (4, 6)}
-DEFAULT_PRESET = "W4A8"
 CUSTOM_PRESET = "custom"
 MODES = {"S-D²": "stochastic", "D-D²": "deterministic"}
+# The methods with a checkbox of their own ("extra rows"), in the registry's order, and those ticked at first.
+ROW_METHODS = tuple(method for method in METHODS.values() if method.ui == ROW)
+GRANULARITY_CHOICES = list(GRANULARITIES)
 ALL_CLASSES = "all classes (one image each, cycling)"
 BACKBONE_INFO = ("how the quantized network is made; it removes quantization's static offset once, "
                  "D²-DPM and PTQD then model the deviation left at each step (AdaRound only where its statistics are ready)")
@@ -98,7 +101,7 @@ class SampleCount:
     default: int
 
 
-SAMPLE_COUNTS = {"image": SampleCount("Images", min(MAX_IMAGES, 32), 8), "points": SampleCount("Points", MAX_POINTS, 1000)}
+SAMPLE_COUNTS = {"image": SampleCount("Images", min(MAX_IMAGES, 32), DEFAULT.num_images), "points": SampleCount("Points", MAX_POINTS, 1000)}
 
 PAPER_URL = "https://arxiv.org/abs/2501.08180"
 CODE_URL = "https://github.com/TaylorJocelyn/D2-DPM"
@@ -146,6 +149,32 @@ def describe_model(spec: str) -> ModelSummary:
                         message=f"**{model.name}**: {what}{cond}")
 
 
+def parse_class(choice, conditional: bool) -> int | None:
+    """"all classes…" / None / "" → None; "3: cat" or 3 → 3."""
+    if not conditional or choice is None or choice == "" or choice == ALL_CLASSES:
+        return None
+    if isinstance(choice, str):
+        head = choice.split(":", 1)[0].strip()
+        return check_int_range("class", head, 0, 10**6)
+    return check_int_range("class", choice, 0, 10**6)
+
+
+def methods_from_switches(mean: bool, variance: bool, modes, rows=()) -> tuple[str, ...]:
+    """The method rows the switches select, in the registry's order: those always shown (FP, the quantized
+    model), the D² variant of each chosen mode (one when S and D coincide, with the variance off) and
+    the extra rows ticked (`rows`: names of ROW methods, e.g. PTQD, the oracle)."""
+    dual = set()
+    for mode_label in modes or ():
+        if mode_label not in MODES:
+            raise ConfigError("mode", mode_label, " or ".join(MODES))
+        dual.add(method_for_switches(bool(mean), bool(variance), MODES[mode_label]))
+    for name in rows or ():
+        if name not in {method.name for method in ROW_METHODS}:
+            raise ConfigError("rows", name, ", ".join(method.name for method in ROW_METHODS))
+    return tuple(name for name, method in METHODS.items()
+                 if method.ui == ALWAYS or (method.ui == ROW and name in (rows or ())) or (method.ui == DUAL and name in dual))
+
+
 def preset_for_bits(w_bits, a_bits) -> str:
     """The preset these bit-widths are, or CUSTOM_PRESET."""
     for name, bits in PRESETS.items():
@@ -157,31 +186,48 @@ def preset_for_bits(w_bits, a_bits) -> str:
     return CUSTOM_PRESET
 
 
-def parse_class(choice, conditional: bool) -> int | None:
-    """"all classes…" / None / "" → None; "3: cat" or 3 → 3."""
-    if not conditional or choice is None or choice == "" or choice == ALL_CLASSES:
-        return None
-    if isinstance(choice, str):
-        head = choice.split(":", 1)[0].strip()
-        return check_int_range("class", head, 0, 10**6)
-    return check_int_range("class", choice, 0, 10**6)
+DEFAULT_PRESET = preset_for_bits(DEFAULT.w_bits, DEFAULT.a_bits)
 
 
-def methods_from_switches(mean: bool, variance: bool, modes, ptqd: bool, oracle: bool) -> tuple[str, ...]:
-    """The method rows the toggles select: FP and the quantized model always, then PTQD, the
-    D² variants of each chosen mode (deduplicated: with the variance off S and D coincide), the oracle."""
-    rows = ["fp", "q"]
-    if ptqd:
-        rows.append("ptqd")
-    for mode_label in modes or ():
-        if mode_label not in MODES:
-            raise ConfigError("mode", mode_label, " or ".join(MODES))
-        name = method_for_switches(bool(mean), bool(variance), MODES[mode_label])
-        if name is not None:
-            rows.append(name)
-    if oracle:
-        rows.append("oracle")
-    return tuple(dict.fromkeys(rows))
+@dataclass(frozen=True)
+class Controls:
+    """The values of the settings widgets, as both UIs read them: built once per run, then `plan_run`.
+
+    The defaults are the widgets' starting values, those of `CompareConfig()` (its methods as the
+    switches and extra rows that select them). Gradio hands the values over one by one in
+    `widget_names()` order: these fields, with one checkbox per extra row in place of `rows`."""
+
+    model: str | None = None  # None: the apps' DEFAULT_MODEL
+    w_bits: int = DEFAULT.w_bits
+    a_bits: int = DEFAULT.a_bits
+    steps: int = DEFAULT.steps
+    eta: float = DEFAULT.eta
+    guidance: float | None = CompareConfig.default_guidance(conditional=True)  # ignored for unconditional models
+    class_choice: str | int | None = ALL_CLASSES
+    seed: int = DEFAULT.seed
+    num_images: int = DEFAULT.num_images
+    mean: bool = True  # the D² switches
+    variance: bool = True
+    modes: tuple[str, ...] = tuple(label for label, mode in MODES.items() if method_for_switches(True, True, mode) in DEFAULT.methods)
+    rows: tuple[str, ...] = tuple(method.name for method in ROW_METHODS if method.name in DEFAULT.methods)
+    calib_samples: int = DEFAULT.calib_samples
+    granularity: str = DEFAULT.granularity
+    backbone: str | None = None  # None: the apps' DEFAULT_BACKBONE
+
+    @staticmethod
+    def widget_names() -> list[str]:
+        return [name for f in fields(Controls) for name in ([m.name for m in ROW_METHODS] if f.name == "rows" else [f.name])]
+
+    @classmethod
+    def from_widgets(cls, *values) -> "Controls":
+        """From the widgets' values in `widget_names()` order."""
+        given = dict(zip(cls.widget_names(), values))
+        rows = tuple(method.name for method in ROW_METHODS if given.pop(method.name))
+        return cls(**given, rows=rows)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return methods_from_switches(self.mean, self.variance, self.modes, self.rows)
 
 
 def calibration_work(calib_samples: int, steps: int, backbone: str, kind: str = "image") -> float:
@@ -227,37 +273,36 @@ class Plan:
     work: float
 
 
-def plan_run(model: str, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-             mean: bool = True, variance: bool = True, modes=("S-D²", "D-D²"), ptqd: bool = True, oracle: bool = False,
-             calib_samples=DEFAULT_CALIB_SAMPLES, granularity: str = "channel", backbone: str | None = None) -> Plan:
-    """Widget values → a checked run, before any work: every value, the model against the allow-list,
+def plan_run(controls: Controls) -> Plan:
+    """The widgets' values → a checked run, before any work: every value, the model against the allow-list,
     and the whole work (calibration included when no statistics are ready) against the budget. Raises ConfigError."""
-    summary = describe_model(model)
+    summary = describe_model(controls.model)
     if not summary.ok:
         raise ConfigError("model", summary.spec, summary.allowed)
-    steps = check_int_range("steps", steps, 1, MAX_UI_STEPS)
-    num_images = check_int_range("num_images", num_images, 1, SAMPLE_COUNTS[summary.kind].maximum)
-    calib_samples = check_int_range("calib_samples", calib_samples, 2, MAX_CALIB_SAMPLES)
-    backbone = DEFAULT_BACKBONE if backbone in (None, "") else backbone
+    steps = check_int_range("steps", controls.steps, 1, MAX_UI_STEPS)
+    num_images = check_int_range("num_images", controls.num_images, 1, SAMPLE_COUNTS[summary.kind].maximum)
+    calib_samples = check_int_range("calib_samples", controls.calib_samples, 2, MAX_CALIB_SAMPLES)
+    backbone = DEFAULT_BACKBONE if controls.backbone in (None, "") else controls.backbone
     if backbone not in BACKBONE_CHOICES:
         raise ConfigError("backbone", backbone, ", ".join(BACKBONE_CHOICES))
-    methods = methods_from_switches(mean, variance, modes, ptqd, oracle)
+    methods = controls.methods
     check_budget(num_images, methods, steps, summary.kind)
+    guidance = controls.guidance
     if guidance is None or (isinstance(guidance, float) and math.isnan(guidance)) or not summary.conditional:
         guidance = None  # unconditional models sample without guidance (the control is hidden for them)
     config = CompareConfig(
         model=summary.spec,
-        w_bits=_int_or_raw(w_bits),
-        a_bits=_int_or_raw(a_bits),
+        w_bits=_int_or_raw(controls.w_bits),
+        a_bits=_int_or_raw(controls.a_bits),
         steps=steps,
-        eta=eta,
+        eta=controls.eta,
         guidance=guidance,
-        class_label=parse_class(class_choice, summary.conditional),
+        class_label=parse_class(controls.class_choice, summary.conditional),
         methods=methods,
-        seed=_int_or_raw(seed),
+        seed=_int_or_raw(controls.seed),
         num_images=num_images,
         calib_samples=calib_samples,
-        granularity=granularity,
+        granularity=controls.granularity,
         backbone=backbone,
     )
     return plan_config(config)
@@ -282,9 +327,9 @@ def plan_config(config: CompareConfig) -> Plan:
     return Plan(config, calibrates, work)
 
 
-def build_config(*args, **kwargs) -> CompareConfig:
-    """Widget values → a checked CompareConfig (see `plan_run`). Raises ConfigError."""
-    return plan_run(*args, **kwargs).config
+def build_config(controls: Controls) -> CompareConfig:
+    """The widgets' values → a checked CompareConfig (see `plan_run`). Raises ConfigError."""
+    return plan_run(controls).config
 
 
 # -- running: lanes, progress, stopping, temporary files
@@ -554,6 +599,3 @@ def stats_caption(result: ComparisonResult, step: int) -> str:
     return (f"Step {step + 1} (t = {int(row['t'])}): μ_Δ = {row['mu_delta']:.4f}, σ_Δ = {row['sigma_delta']:.4f}, ρ = {row['rho']:.3f}, "
             f"σ_cond = {row['sigma_cond']:.4f}; residual variance {absorbed}.")
 
-
-def method_legend() -> str:
-    return "\n".join(f"- **{m.label}**: {m.description}" for m in METHODS.values())

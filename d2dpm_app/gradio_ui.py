@@ -9,6 +9,7 @@ Before any run the Compare tab shows the shipped example (`assets/example`, see 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -16,6 +17,7 @@ import gradio as gr
 
 from d2dpm import figures, teaching
 from d2dpm.experiment import ComparisonResult, CompareProgress, default_workbench
+from d2dpm.methods import METHODS
 
 from . import common, story
 
@@ -58,8 +60,7 @@ def theme():
 
 
 def _chips() -> str:
-    main = ["fp", "q", "ptqd", "s-d2", "d-d2", "mean-only", "var-only", "oracle"]
-    return " ".join(f'<span class="method-chip" style="background:{figures.method_color(m)}">{figures.method_label(m)}</span>' for m in main)
+    return " ".join(f'<span class="method-chip" style="background:{m.colour}">{m.label}</span>' for m in METHODS.values())
 
 
 # -- event handlers (plain functions: the tests call them too)
@@ -101,13 +102,31 @@ def _visitor_error(error: BaseException) -> gr.Error:
     return gr.Error(message, title=title, duration=8)
 
 
-def validate(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-             mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone=None) -> None:
+def controls_event(handler):
+    """`handler(controls, ...)` as a Gradio event over the settings widgets. Gradio hands their values
+    over one by one, in `Controls.widget_names()` order (which names the API's parameters), then a
+    gr.Progress when the handler takes `progress`; the handler gets them as one `common.Controls`."""
+    names = common.Controls.widget_names()
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    if "progress" in inspect.signature(handler).parameters:
+        parameters.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+
+    if inspect.isgeneratorfunction(handler):  # Gradio streams the outputs of generator functions only
+        def event(*values):
+            yield from handler(common.Controls.from_widgets(*values[:len(names)]), *values[len(names):])
+    else:
+        def event(*values):
+            return handler(common.Controls.from_widgets(*values[:len(names)]), *values[len(names):])
+    event.__signature__ = inspect.Signature(parameters)
+    event.__name__, event.__doc__ = handler.__name__, handler.__doc__
+    return event
+
+
+def validate(controls: common.Controls) -> None:
     """Check the settings before a run, with no outputs: a bad setting shows a message and leaves the
     previous results on screen (an error inside the run itself would mark every output as failed)."""
     try:
-        common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                        mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
+        common.plan_run(controls)
     except Exception as error:
         raise _visitor_error(error) from None
 
@@ -122,8 +141,7 @@ def _final_outputs(result: ComparisonResult, seconds: float, cached: bool, folde
             common.metrics_display(result.metrics, result.model.kind), files, result)
 
 
-def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone=None, progress=gr.Progress()):
+def run_compare(controls: common.Controls, progress=gr.Progress()):
     """Stream the calibration's progress and the predicted x₀ of every method after each step, then the
     results (at once when the same configuration ran before on this server).
 
@@ -133,8 +151,7 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
     folder = None
     stream = None
     try:
-        plan = common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                               mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
+        plan = common.plan_run(controls)
         start = time.perf_counter()
         cached = RESULTS.get(plan.config)
         if cached is not None:
@@ -257,7 +274,7 @@ def _landing():
         return None, ("Press **Run comparison**. Every row starts from the same noise. (No precomputed example is installed: "
                       "`python scripts/make_example.py` makes one.)"), common.metrics_display(None)
     try:
-        default = common.build_config(common.DEFAULT_MODEL, *common.PRESETS[common.DEFAULT_PRESET], 20, 0.0, 3.0, None, 0, 8)
+        default = common.build_config(common.Controls())
     except Exception:  # no default run possible (e.g. its statistics not ready): the note just names the example
         default = None
     text = f"{story.example_note(example, default)}  \n{example.text()}"
@@ -267,6 +284,7 @@ def _landing():
 def build_demo() -> gr.Blocks:
     # No usage analytics: the app sends nothing anywhere (and must run with no network at all).
     grid0, summary0, metrics0 = _landing()
+    defaults = common.Controls()
     # delete_cache: Gradio's copies of each run's images and downloads go after CACHE_SECONDS.
     with gr.Blocks(title="D²-DPM: quantized diffusion, repaired", analytics_enabled=False,
                    delete_cache=(CACHE_SECONDS // 4, CACHE_SECONDS)) as demo:
@@ -292,36 +310,36 @@ def build_demo() -> gr.Blocks:
                             preset = gr.Radio([*common.PRESETS, common.CUSTOM_PRESET], value=common.DEFAULT_PRESET, label="Bit-width preset",
                                               info="weights / activations; or move the sliders for any W2–8 / A4–8", elem_id="preset")
                             with gr.Row():
-                                w_bits = gr.Slider(2, 8, value=common.PRESETS[common.DEFAULT_PRESET][0], step=1, label="Weight bits", elem_id="w-bits")
-                                a_bits = gr.Slider(4, 8, value=common.PRESETS[common.DEFAULT_PRESET][1], step=1, label="Activation bits", elem_id="a-bits")
+                                w_bits = gr.Slider(2, 8, value=defaults.w_bits, step=1, label="Weight bits", elem_id="w-bits")
+                                a_bits = gr.Slider(4, 8, value=defaults.a_bits, step=1, label="Activation bits", elem_id="a-bits")
                             backbone = gr.Radio(common.BACKBONE_CHOICES, value=common.DEFAULT_BACKBONE, label="PTQ backbone",
                                                 info=common.BACKBONE_INFO, elem_id="backbone")
                         with gr.Group():
                             with gr.Row():
-                                steps = gr.Slider(1, common.MAX_UI_STEPS, value=20, step=1, label="DDIM steps", elem_id="steps")
-                                eta = gr.Slider(0, 1, value=0.0, step=0.05, label="η", info="0 = deterministic DDIM, 1 = DDPM-like")
-                            guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance scale", visible=False,
+                                steps = gr.Slider(1, common.MAX_UI_STEPS, value=defaults.steps, step=1, label="DDIM steps", elem_id="steps")
+                                eta = gr.Slider(0, 1, value=defaults.eta, step=0.05, label="η", info="0 = deterministic DDIM, 1 = DDPM-like")
+                            guidance = gr.Slider(0, 10, value=defaults.guidance, step=0.5, label="Guidance scale", visible=False,
                                                  info="classifier-free guidance")
-                            class_choice = gr.Dropdown([common.ALL_CLASSES], value=common.ALL_CLASSES, label="Class", visible=False)
+                            class_choice = gr.Dropdown([common.ALL_CLASSES], value=defaults.class_choice, label="Class", visible=False)
                             with gr.Row():
-                                seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                                num_images = gr.Slider(1, common.SAMPLE_COUNTS["image"].maximum, value=common.SAMPLE_COUNTS["image"].default, step=1,
+                                seed = gr.Number(defaults.seed, precision=0, minimum=0, label="Seed")
+                                num_images = gr.Slider(1, common.SAMPLE_COUNTS["image"].maximum, value=defaults.num_images, step=1,
                                                        label="Images", elem_id="num-images")
                         with gr.Group():
                             gr.Markdown("**Corrections** (FP and the uncorrected quantized model are always shown)")
                             with gr.Row():
-                                mean = gr.Checkbox(True, label="Mean correction", info="subtract μ_cond(ε̂)")
-                                variance = gr.Checkbox(True, label="Variance correction", info="remove σ_cond")
-                            modes = gr.CheckboxGroup(list(common.MODES), value=list(common.MODES), label="Mode",
+                                mean = gr.Checkbox(defaults.mean, label="Mean correction", info="subtract μ_cond(ε̂)")
+                                variance = gr.Checkbox(defaults.variance, label="Variance correction", info="remove σ_cond")
+                            modes = gr.CheckboxGroup(list(common.MODES), value=list(defaults.modes), label="Mode",
                                                      info="S-D²: subtract a noise draw · D-D²: absorb into σ_t'")
                             note = gr.Markdown(visible=False, elem_id="rows-note")
-                            with gr.Row():
-                                ptqd = gr.Checkbox(True, label="PTQD baseline row")
-                                oracle = gr.Checkbox(False, label="Oracle row", info="subtracts the true Δ")
+                            with gr.Row():  # one checkbox per extra row of the method registry (PTQD, the oracle)
+                                rows = {m.name: gr.Checkbox(m.name in defaults.rows, label=m.ui_label, info=m.ui_hint or None)
+                                        for m in common.ROW_METHODS}
                         with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-                            calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=common.DEFAULT_CALIB_SAMPLES, step=1, label="Calibration trajectories",
+                            calib_samples = gr.Slider(2, common.MAX_CALIB_SAMPLES, value=defaults.calib_samples, step=1, label="Calibration trajectories",
                                                       info="used when no shipped or cached statistics match", elem_id="calib-samples")
-                            granularity = gr.Radio(["channel", "tensor"], value="channel", label="Noise model granularity")
+                            granularity = gr.Radio(common.GRANULARITY_CHOICES, value=defaults.granularity, label="Noise model granularity")
                             gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
                                         f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
                     with gr.Column(scale=2, min_width=0):
@@ -379,16 +397,18 @@ def build_demo() -> gr.Blocks:
             slider.input(bits_preset, [w_bits, a_bits], preset, api_name="bits" if slider is w_bits else "bits_a", show_progress="hidden")
         for name, switch in (("rows_note", mean), ("rows_note_variance", variance), ("rows_note_modes", modes)):
             switch.change(rows_note, [mean, variance, modes], note, api_name=name, show_progress="hidden")
-        controls = [model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                    mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone]
+        widgets = dict(model=model, w_bits=w_bits, a_bits=a_bits, steps=steps, eta=eta, guidance=guidance, class_choice=class_choice,
+                       seed=seed, num_images=num_images, mean=mean, variance=variance, modes=modes, **rows,
+                       calib_samples=calib_samples, granularity=granularity, backbone=backbone)
+        controls = [widgets[name] for name in common.Controls.widget_names()]
         view_outputs = [deviation_plot, dev_step, hist_plot, joint_plot, dev_caption, traj_plot, moments_plot,
                         traj_step, x0_image, traj_caption, particles_plot, psnr_plot, dev_prompt, dev_views, traj_prompt, traj_views, all_paths]
         compare_events = []
         for index, button in enumerate((run, dev_run, traj_run)):
             suffix = "" if index == 0 else f"_{index}"
             button.click(None, None, None, js=CLEAR_TOASTS_JS, queue=False)
-            event = button.click(validate, controls, None, api_name="validate" + suffix, show_progress="hidden").success(
-                run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare" + suffix,
+            event = button.click(controls_event(validate), controls, None, api_name="validate" + suffix, show_progress="hidden").success(
+                controls_event(run_compare), controls, [samples, summary, metrics, downloads, state], api_name="compare" + suffix,
                 concurrency_limit=common.RUN_SLOTS, concurrency_id="compare", show_progress_on=[samples],
             )
             event.success(refresh_views, [state, all_paths], view_outputs, api_name="views" + suffix)

@@ -22,17 +22,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from d2dpm.corrections import METHODS
-from d2dpm.figures import identity_steps
+from d2dpm.figures import identity_steps, method_label
 from d2dpm.models import ASSETS_DIR
 
 EXAMPLE_DIR = ASSETS_DIR / "example"
 EXAMPLE_FORMAT = 1
 EXAMPLE_FILES = ("grid.png", "metrics.csv", "story.json")
-
-
-def _label(method: str) -> str:
-    return METHODS[method].label if method in METHODS else method
 
 
 def story_numbers(result) -> dict:
@@ -62,7 +57,7 @@ def story_numbers(result) -> dict:
         mse = float(metrics.loc[method, "mse_to_fp"])
         psnr = float(metrics.loc[method, "psnr_to_fp"])
         numbers["methods"][method] = {
-            "label": _label(method),
+            "label": method_label(method),
             "mean_shift": shift,
             "spread_ratio": float(x.std() / fp.std()) if float(fp.std()) > 0 else 1.0,
             "mse_to_fp": mse,

@@ -106,8 +106,7 @@ def result_or_prompt() -> ComparisonResult | None:
 
 def default_config(quiet: bool = False) -> CompareConfig | None:
     try:
-        return common.build_config(common.DEFAULT_MODEL, *common.PRESETS[common.DEFAULT_PRESET], 20, 0.0, 3.0, None, 0, 8,
-                                   backbone=common.DEFAULT_BACKBONE)
+        return common.build_config(common.Controls())
     except Exception as error:  # e.g. the default backbone's statistics not ready here
         if not quiet:
             st.error(": ".join(common.visitor_message(error)))
@@ -159,6 +158,7 @@ def compare_page() -> None:
     top = st.columns([1, 3], vertical_alignment="center")
     run = top[0].button("Run comparison", type="primary", width="stretch", key="run")
     top[1].caption("Settings: the sidebar (on a phone, the **»** at the top left). The defaults are a good first run.")
+    defaults = common.Controls()
     with st.sidebar:
         st.header("Settings")
         choices = [*common.MODEL_CHOICES, OTHER_MODEL]
@@ -178,7 +178,7 @@ def compare_page() -> None:
         presets = [*common.PRESETS, "custom"]
         preset = keep("preset", st.radio("Bit-width preset", presets, index=_index(presets, kept("preset", common.DEFAULT_PRESET)),
                                          horizontal=True, key="preset", help="weights / activations"))
-        w0, a0 = common.PRESETS.get(preset, common.PRESETS[common.DEFAULT_PRESET])
+        w0, a0 = common.PRESETS.get(preset, (defaults.w_bits, defaults.a_bits))
         custom = preset == "custom"
         col_w, col_a = st.columns(2)
         w_bits = keep(f"w_bits_{preset}", col_w.slider("Weight bits", 2, 8, kept(f"w_bits_{preset}", w0), disabled=not custom, key=f"w_bits_{preset}"))
@@ -188,40 +188,40 @@ def compare_page() -> None:
                                              horizontal=True, key="backbone", help=common.BACKBONE_HELP))
         st.caption(common.BACKBONE_INFO[0].upper() + common.BACKBONE_INFO[1:] + ".")
         col_s, col_e = st.columns(2)
-        steps = keep("steps", col_s.slider("DDIM steps", 1, common.MAX_UI_STEPS, kept("steps", 20), key="steps"))
-        eta = keep("eta", col_e.slider("η", 0.0, 1.0, kept("eta", 0.0), 0.05, key="eta", help="0 = deterministic DDIM, 1 = DDPM-like"))
+        steps = keep("steps", col_s.slider("DDIM steps", 1, common.MAX_UI_STEPS, kept("steps", defaults.steps), key="steps"))
+        eta = keep("eta", col_e.slider("η", 0.0, 1.0, kept("eta", defaults.eta), 0.05, key="eta", help="0 = deterministic DDIM, 1 = DDPM-like"))
         guidance, class_choice = None, None
         if summary.ok and summary.conditional:
-            guidance = keep("guidance", st.slider("Guidance scale", 0.0, 10.0, kept("guidance", 3.0), 0.5, key="guidance",
+            guidance = keep("guidance", st.slider("Guidance scale", 0.0, 10.0, kept("guidance", defaults.guidance), 0.5, key="guidance",
                                                   help="classifier-free guidance"))
             classes = summary.class_choices()
             class_choice = keep("class_choice", st.selectbox("Class", classes, index=_index(classes, kept("class_choice", classes[0])),
                                                              key="class_choice"))
         col_seed, col_n = st.columns(2)
-        seed = keep("seed", col_seed.number_input("Seed", 0, 2**31 - 1, kept("seed", 0), step=1, key="seed"))
+        seed = keep("seed", col_seed.number_input("Seed", 0, 2**31 - 1, kept("seed", defaults.seed), step=1, key="seed"))
         count = common.SAMPLE_COUNTS[summary.kind if summary.ok else "image"]
         count_key = "num_images" if count.label == "Images" else "num_points"
         num_images = keep(count_key, col_n.slider(count.label, 1, count.maximum, kept(count_key, count.default), key=count_key))
         st.subheader("Corrections")
         st.caption("FP and the uncorrected quantized model are always shown.")
         col_m, col_v = st.columns(2)
-        mean = keep("mean", col_m.toggle("Mean", kept("mean", True), key="mean", help="subtract μ_cond(ε̂)"))
-        variance = keep("variance", col_v.toggle("Variance", kept("variance", True), key="variance", help="remove σ_cond"))
-        modes = keep("modes", st.multiselect("Mode", list(common.MODES), default=kept("modes", list(common.MODES)), key="modes",
+        mean = keep("mean", col_m.toggle("Mean", kept("mean", defaults.mean), key="mean", help="subtract μ_cond(ε̂)"))
+        variance = keep("variance", col_v.toggle("Variance", kept("variance", defaults.variance), key="variance", help="remove σ_cond"))
+        modes = keep("modes", st.multiselect("Mode", list(common.MODES), default=kept("modes", list(defaults.modes)), key="modes",
                                              help="S-D²: subtract a draw of the noise · D-D²: absorb it into σ_t'"))
         note = common.rows_note(mean, variance, modes)
         if note:
             st.info(note, icon=":material/info:")
-        col_p, col_o = st.columns(2)
-        ptqd = keep("ptqd", col_p.checkbox("PTQD row", kept("ptqd", True), key="ptqd"))
-        oracle = keep("oracle", col_o.checkbox("Oracle row", kept("oracle", False), key="oracle", help="subtracts the true Δ: an upper bound"))
+        # one checkbox per extra row of the method registry (PTQD, the oracle), keyed by the method's name
+        rows = tuple(m.name for m, column in zip(common.ROW_METHODS, st.columns(len(common.ROW_METHODS)))
+                     if keep(m.name, column.checkbox(m.ui_label, kept(m.name, m.name in defaults.rows), key=m.name, help=m.ui_hint or None)))
         with st.expander("Advanced"):
             calib_samples = keep("calib_samples", st.slider("Calibration trajectories", 2, common.MAX_CALIB_SAMPLES,
-                                                            kept("calib_samples", common.DEFAULT_CALIB_SAMPLES), key="calib_samples",
+                                                            kept("calib_samples", defaults.calib_samples), key="calib_samples",
                                                             help="used when no shipped or cached statistics match"))
-            granularities = ["channel", "tensor"]
+            granularities = common.GRANULARITY_CHOICES
             granularity = keep("granularity", st.radio("Noise model granularity", granularities,
-                                                       index=_index(granularities, kept("granularity", "channel")), horizontal=True,
+                                                       index=_index(granularities, kept("granularity", defaults.granularity)), horizontal=True,
                                                        key="granularity"))
             st.caption(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
                        f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
@@ -231,8 +231,11 @@ def compare_page() -> None:
     slot = st.empty()
     if run:
         try:
-            plan = common.plan_run(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
-                                   mean, variance, modes, ptqd, oracle, calib_samples, granularity, backbone)
+            controls = common.Controls(model=model, w_bits=w_bits, a_bits=a_bits, steps=steps, eta=eta, guidance=guidance,
+                                       class_choice=class_choice, seed=seed, num_images=num_images, mean=mean, variance=variance,
+                                       modes=tuple(modes), rows=rows, calib_samples=calib_samples, granularity=granularity,
+                                       backbone=backbone)
+            plan = common.plan_run(controls)
             start = time.perf_counter()
             cached = result_store().get(plan.config) is not None
             result = run_comparison(plan, slot, summary.kind)

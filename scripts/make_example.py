@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from d2dpm.config import CompareConfig  # noqa: E402
 from d2dpm.errors import ConfigError  # noqa: E402
-from d2dpm.experiment import DEFAULT_METHODS, CompareConfig, default_workbench  # noqa: E402
+from d2dpm.experiment import default_workbench  # noqa: E402
 from d2dpm.figures import run_title  # noqa: E402
 from d2dpm_app import common, story  # noqa: E402
 
@@ -30,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=common.DEFAULT_MODEL, help="default: the apps' default model")
     parser.add_argument("--backbone", default=common.DEFAULT_BACKBONE, choices=common.BACKBONE_CHOICES)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=CompareConfig().steps)
     parser.add_argument("--num-images", type=int, default=None, help="default: the apps' default (8 images, 1000 points)")
-    parser.add_argument("--calib-samples", type=int, default=common.DEFAULT_CALIB_SAMPLES)
+    parser.add_argument("--calib-samples", type=int, default=CompareConfig().calib_samples)
     parser.add_argument("--out", type=Path, default=None, help="default: assets/example (or $D2DPM_EXAMPLE_DIR)")
     args = parser.parse_args(argv)
     # The core's configuration, not the apps' plan: an operator's script is not held to a visitor's
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("model", args.model, summary.message)
         count = args.num_images or common.SAMPLE_COUNTS[summary.kind].default
         w_bits, a_bits = common.PRESETS[common.DEFAULT_PRESET]
-        config = CompareConfig(model=summary.spec, w_bits=w_bits, a_bits=a_bits, steps=args.steps, eta=0.0,
-                               guidance=3.0 if summary.conditional else None, methods=DEFAULT_METHODS, seed=0,
-                               num_images=count, calib_samples=args.calib_samples, backbone=args.backbone)
+        # η, guidance, seed and methods: the defaults of a comparison
+        config = CompareConfig(model=summary.spec, w_bits=w_bits, a_bits=a_bits, steps=args.steps, num_images=count,
+                               calib_samples=args.calib_samples, backbone=args.backbone)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import argparse
 import torch
 from PIL import Image
 
+from d2dpm.config import CompareConfig
 from d2dpm.figures import BACKGROUND, labelled_image_rows
 from d2dpm.models import NoisePredictor, load_model
 from d2dpm.schedule import DDIMSchedule
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="emoji")
     parser.add_argument("--guidance", default="1,3", help="two comma-separated guidance scales")
     parser.add_argument("--per-class", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=CompareConfig().steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

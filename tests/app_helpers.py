@@ -10,7 +10,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from d2dpm.bench import free_port, stop_process
+from d2dpm.tools.bench import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,13 +7,15 @@ import json
 import sys
 import textwrap
 
-from d2dpm import bench
+from d2dpm.cli import main as cli_main
+from d2dpm.config import DEFAULT_METHODS
+from d2dpm.tools import bench
 
 
 def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir, capsys, tmp_path):
     out = tmp_path / "bench.json"
-    code = bench.main(["--model", str(conditional_model_dir), "--quick", "--skip-app", "--threads", "1", "--steps", "5",
-                       "--device", "cpu", "--out", str(out)])
+    code = cli_main(["bench", "--model", str(conditional_model_dir), "--quick", "--skip-app", "--threads", "1", "--steps", "5",
+                     "--device", "cpu", "--out", str(out)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
     assert json.loads(out.read_text()) == report
@@ -25,7 +27,7 @@ def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir,
     assert set(report["sampler_step"]["corrections"]) == set(bench.CORRECTIONS)
     for figures in report["sampler_step"]["corrections"].values():
         assert figures["overhead_ratio"] > 0 and figures["correction_only_s"] > 0
-    assert report["compare"]["methods"] == list(bench.COMPARE_METHODS) and report["compare"]["images"] == 8
+    assert report["compare"]["methods"] == list(DEFAULT_METHODS) and report["compare"]["images"] == 8
     assert set(report["calibration"]) == {"rtn", "bias-correction", "adaround"}
     assert all(c["median_s"] > 0 and c["calib_samples"] == 4 for c in report["calibration"].values())
     assert report["app_cold_start"]["seconds"] is None and "skipped" in report["app_cold_start"]["note"]

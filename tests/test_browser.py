@@ -41,7 +41,7 @@ def example(conditional_model_dir, tmp_path_factory):
     from d2dpm_app import common, story
 
     cache = tmp_path_factory.mktemp("shared_cache")
-    from d2dpm.experiment import DEFAULT_METHODS, CompareConfig
+    from d2dpm.config import DEFAULT_METHODS, CompareConfig
 
     config = CompareConfig(model=str(conditional_model_dir), w_bits=4, a_bits=8, steps=FAST["steps"], eta=0.0, guidance=3.0,
                            methods=DEFAULT_METHODS, seed=0, num_images=FAST["images"], calib_samples=FAST["calibration"],

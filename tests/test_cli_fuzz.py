@@ -5,6 +5,7 @@ do not import torch, and a run that fails while writing its outputs leaves none 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import save_conditional_model, save_pipeline_folder, tiny_unet
 from d2dpm.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAST = ["--steps", "6", "--calib-samples", "8", "--num-images", "2", "--backbone", "rtn"]
 OUT = "<out>"  # replaced by a fresh path in the case's folder
@@ -250,14 +253,15 @@ def test_integer_flags_say_the_allowed_range(flag, value, allowed, tmp_path, cap
         (" (4096 for point models)" if flag == "--num-images" else "")
 
 
-HEAVY = ("torch", "diffusers", "pandas", "d2dpm.train", "d2dpm.evaluate", "d2dpm.bench", "d2dpm.experiment")
+HEAVY = ("torch", "diffusers", "pandas", "numpy", "d2dpm.experiment", "d2dpm.corrections", "d2dpm.models", "d2dpm.tools.train",
+         "d2dpm.tools.evaluate", "d2dpm.tools.bench", "d2dpm.tools.distances", "d2dpm.tools.datasets")
 PROBE = """
-import contextlib, io, sys
-from d2dpm.cli import main
+import contextlib, io, runpy, sys
+sys.argv = ["d2dpm", *sys.argv[1:]]
 err = io.StringIO()
 with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
     try:
-        status = main(sys.argv[1:])
+        runpy.run_module("d2dpm", run_name="__main__", alter_sys=True)  # python -m d2dpm ARGS
     except SystemExit as exit:
         status = exit.code
 print(status, [name for name in {heavy!r} if name in sys.modules], err.getvalue().count("\\n"))
@@ -265,9 +269,15 @@ print(status, [name for name in {heavy!r} if name in sys.modules], err.getvalue(
 
 
 @pytest.mark.parametrize("arguments, status", [(["--help"], 0), (["compare", "--help"], 0), (["compare", "--w-bits", "3.5", "--out", "x"], 2),
-                                               (["stats"], 2), (["compare", "--out", "/dev/null"], 2), (["nonsense"], 2)])
-def test_help_and_argument_errors_do_not_import_the_heavy_modules(arguments, status):
-    done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *arguments], capture_output=True, text=True, timeout=120)
+                                               (["compare", "--w-bits", "99", "--out", "x"], 2), (["compare", "--eta", "2", "--out", "x"], 2),
+                                               (["compare", "--methods", "fp,nope", "--out", "x"], 2), (["stats"], 2),
+                                               (["compare", "--out", "/dev/null"], 2), (["nonsense"], 2), (["train", "--help"], 0),
+                                               (["train", "--dataset", "mnist", "--out", "x"], 2), (["evaluate", "--help"], 0),
+                                               (["bench", "--help"], 0)])
+def test_help_and_argument_errors_do_not_import_the_heavy_modules(arguments, status, tmp_path):
+    """`python -m d2dpm ARGS`: the help of every command and every error the flags alone show load none of HEAVY."""
+    done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *arguments], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{status} [] "), done.stdout  # the status, and none of HEAVY imported
     if status == 2:

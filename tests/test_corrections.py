@@ -7,7 +7,8 @@ import torch
 
 from conftest import SCHEDULER_CONFIG, tiny_unet
 from d2dpm.calibration import calibrate
-from d2dpm.corrections import DualDenoising, PTQDCorrection, absorb_variance, make_correction, method_for_switches
+from d2dpm.corrections import Correction, DualDenoising, PTQDCorrection, absorb_variance, make_correction
+from d2dpm.methods import DUAL, METHODS, ROW, Method, method_for_switches
 from d2dpm.models import DiffusionModel, NoisePredictor
 from d2dpm.noise_model import StatsConfig
 from d2dpm.sampler import SamplerNoise, Track, sample
@@ -124,8 +125,47 @@ def test_ui_switches_name_the_methods():
     assert method_for_switches(True, True, "deterministic") == "d-d2"
     assert method_for_switches(True, True, "stochastic") == "s-d2"
     assert method_for_switches(True, False, "stochastic") == "mean-only"
+    assert method_for_switches(True, False, "deterministic") == "mean-only"  # S and D coincide without the variance half
     assert method_for_switches(False, True, "deterministic") == "var-only"
+    assert method_for_switches(False, True, "stochastic") == "s-var-only"
     assert method_for_switches(False, False, "deterministic") is None
+
+
+def test_every_registry_entry_builds_its_correction_and_is_offered_by_the_uis():
+    stats = calibrate_synthetic(NoisyCopy(GaussianDataEps(), bias=[0.1] * 3, std=[0.1] * 3, slope=0.2), steps=3)[1]
+    for name, method in METHODS.items():
+        correction = make_correction(name, stats, "tensor")
+        assert type(correction) is Correction.kinds[method.correction] and method.network in ("fp", "q"), name
+        if method.ui == DUAL:  # reachable through the switches, with the switches' own options
+            options = method.kwargs
+            assert method_for_switches(options["mean"], options["variance"], options["mode"]) == name
+            assert (correction.mode, correction.mean, correction.variance, correction.granularity) == (
+                options["mode"], options["mean"], options["variance"], "tensor")
+        assert bool(method.ui_label) == (method.ui == ROW), name
+    assert isinstance(make_correction("ptqd", stats), PTQDCorrection) and METHODS["fp"].network == "fp"
+    with pytest.raises(ValueError, match="needs noise statistics"):
+        make_correction("d-d2", None)
+
+
+def test_a_new_correction_is_a_class_and_one_registry_entry(conditional_model_dir, tmp_path, monkeypatch):
+    from d2dpm import figures
+    from d2dpm.experiment import CompareConfig, Workbench
+
+    class HalfTheDeviation(Correction):  # E' = ε̂ − (ε̂ − ε)/2: half the oracle's step
+        needs_fp_eps = True
+
+        def __call__(self, eps_hat, coeff, extra_noise=None, eps_fp=None):
+            return super().__call__(eps_hat - (eps_hat - eps_fp) / 2, coeff)
+
+    entry = Method("half", "Half oracle", "#123456", "q", "half the true Δ removed", correction="HalfTheDeviation", ui=ROW,
+                   ui_label="Half-oracle row")
+    monkeypatch.setitem(METHODS, "half", entry)
+    config = CompareConfig(model=str(conditional_model_dir), steps=4, eta=1.0, methods=("q", "half", "oracle"), num_images=2,
+                           calib_samples=4, backbone="rtn")
+    result = Workbench(cache_dir=tmp_path).compare(config)
+    errors = result.metrics.set_index("method")["mse_to_fp"]
+    assert errors["oracle"] < errors["half"] < errors["q"]
+    assert result.metrics.set_index("method").loc["half", "label"] == "Half oracle" and figures.method_color("half") == "#123456"
 
 
 def test_quantized_network_calibration_reduces_error_with_d2(tmp_path):

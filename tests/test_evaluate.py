@@ -10,9 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from d2dpm.evaluate import _fmt, class_balancing_weights, main, parse_bits, weighted_feature_stats
+from d2dpm.cli import main as cli_main
+from d2dpm.tools.evaluate import _fmt, class_balancing_weights, parse_bits, weighted_feature_stats
 
 FAST = ["--steps", "3", "--calib-samples", "4", "--num-samples", "4", "--backbones", "rtn"]
+
+
+def main(arguments: list[str]) -> int:
+    return cli_main(["evaluate", *arguments])
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,7 @@ def test_helpers():
 
 
 def test_missing_optional_features_leave_their_column_out_and_say_why(conditional_model_dir, reference_npz, tmp_path, monkeypatch):
-    from d2dpm import distances as D
+    from d2dpm.tools import distances as D
 
     def not_installed(device="cpu"):
         raise D.OptionalDependencyMissing("FD-EffNetLite0 needs the optional extra: pip install -r requirements-eval.txt")

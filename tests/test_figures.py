@@ -11,7 +11,7 @@ import torch
 from app_helpers import small_config
 
 from d2dpm import figures, teaching
-from d2dpm.corrections import METHODS
+from d2dpm.methods import METHODS
 from d2dpm.errors import ConfigError
 from d2dpm.experiment import Workbench
 from d2dpm.sampler import StepRecord
@@ -102,7 +102,7 @@ def test_figure_two_histogram_and_joint_density(result):
 def test_trajectory_and_moment_figures_use_the_palette(result):
     fig = figures.trajectory_figure(result.trajectory)
     colours = {t.name: t.line.color for t in fig.data if t.showlegend is not False}
-    assert colours["D-D²"] == figures.METHOD_COLORS["d-d2"] and colours["Oracle"] == figures.METHOD_COLORS["oracle"]
+    assert colours["D-D²"] == METHODS["d-d2"].colour and colours["Oracle"] == METHODS["oracle"].colour
     assert "FP" not in colours  # FP is the reference: its distance to itself is 0
     assert list(fig.data[0].x) == list(range(1, len(result.records) + 1))  # 1-based steps
     # x after each step: never the 0 of the shared x_T (a log axis would draw it at 1e-8)

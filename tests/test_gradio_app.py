@@ -138,10 +138,28 @@ def test_the_default_model_is_emoji_and_its_absence_is_explained(client):
 def test_switches_select_the_methods():
     from d2dpm_app.common import methods_from_switches
 
-    assert methods_from_switches(True, True, ["S-D²", "D-D²"], True, False) == ("fp", "q", "ptqd", "s-d2", "d-d2")
-    assert methods_from_switches(True, False, ["S-D²", "D-D²"], False, True) == ("fp", "q", "mean-only", "oracle")
-    assert methods_from_switches(False, True, ["D-D²"], False, False) == ("fp", "q", "var-only")
-    assert methods_from_switches(False, False, ["S-D²"], False, False) == ("fp", "q")
+    assert methods_from_switches(True, True, ["S-D²", "D-D²"], ["ptqd"]) == ("fp", "q", "ptqd", "s-d2", "d-d2")
+    assert methods_from_switches(True, False, ["S-D²", "D-D²"], ["oracle"]) == ("fp", "q", "mean-only", "oracle")
+    assert methods_from_switches(False, True, ["D-D²"]) == ("fp", "q", "var-only")
+    assert methods_from_switches(False, False, ["S-D²"]) == ("fp", "q")
+
+
+def test_controls_start_from_the_core_defaults_and_read_gradios_widgets_in_order():
+    from d2dpm.config import CompareConfig
+    from d2dpm_app.common import Controls
+
+    default = CompareConfig()
+    controls = Controls()
+    assert controls.methods == default.methods
+    assert (controls.w_bits, controls.a_bits, controls.steps, controls.eta, controls.seed, controls.num_images, controls.calib_samples,
+            controls.granularity) == (default.w_bits, default.a_bits, default.steps, default.eta, default.seed, default.num_images,
+                                      default.calib_samples, default.granularity)
+    # /compare's inputs, in the order compare_args gives them: one checkbox per extra row in place of `rows`
+    assert Controls.widget_names() == ["model", "w_bits", "a_bits", "steps", "eta", "guidance", "class_choice", "seed", "num_images",
+                                       "mean", "variance", "modes", "ptqd", "oracle", "calib_samples", "granularity", "backbone"]
+    widgets = Controls.from_widgets(*compare_args("m", oracle=True, ptqd=False))
+    assert widgets.rows == ("oracle",) and widgets.model == "m" and widgets.backbone == "bias-correction"
+    assert widgets.methods == ("fp", "q", "s-d2", "d-d2", "oracle")
 
 
 def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_model_dir, monkeypatch):
@@ -150,17 +168,20 @@ def test_build_config_enforces_the_cpu_budget_and_reads_widgets(conditional_mode
 
     monkeypatch.setenv("D2DPM_EXTRA_MODELS", str(conditional_model_dir))
     monkeypatch.setattr(common, "DEFAULT_BACKBONE", "rtn")
-    config = common.build_config(str(conditional_model_dir), 4.0, 6.0, 10.0, 0.5, 2.5, "2: class 2", 7.0, 3.0)
+    def build(*values, **changes):
+        return common.build_config(common.Controls(str(conditional_model_dir), *values, **changes))
+
+    config = build(4.0, 6.0, 10.0, 0.5, 2.5, "2: class 2", 7.0, 3.0)
     assert (config.w_bits, config.a_bits, config.steps, config.class_label, config.seed, config.guidance) == (4, 6, 10, 2, 7, 2.5)
-    assert config.calib_samples == common.DEFAULT_CALIB_SAMPLES
-    assert common.build_config(str(conditional_model_dir), 4, 8, 10, 0, 3, common.ALL_CLASSES, 0, 3).class_label is None
+    assert config.calib_samples == common.DEFAULT.calib_samples
+    assert build(4, 8, 10, 0, 3, common.ALL_CLASSES, 0, 3).class_label is None
     steps = common.MAX_IMAGE_STEPS // (5 * 8)
-    common.build_config(str(conditional_model_dir), 4, 8, steps, 0, 3, None, 0, 8, calib_samples=2)  # exactly at the cap
+    build(4, 8, steps, 0, 3, None, 0, 8, calib_samples=2)  # exactly at the cap
     with pytest.raises(ConfigError, match="image-steps") as error:
-        common.build_config(str(conditional_model_dir), 4, 8, steps + 1, 0, 3, None, 0, 8, calib_samples=2)
+        build(4, 8, steps + 1, 0, 3, None, 0, 8, calib_samples=2)
     assert error.value.argument == "num_images"
     with pytest.raises(ConfigError, match="mode"):
-        common.build_config(str(conditional_model_dir), 4, 8, 10, 0, 3, None, 0, 2, modes=["X"])
+        build(4, 8, 10, 0, 3, None, 0, 2, modes=["X"])
     summary = common.describe_model("emoji")
     if not (ROOT / "assets" / "models" / "emoji").is_dir():
         assert not summary.ok and "not installed" in summary.message

@@ -141,32 +141,34 @@ def app(conditional_model_dir, monkeypatch):
 
 
 def settings(model, **changes):
+    from d2dpm_app.common import Controls
+
     values = dict(w_bits=4, a_bits=8, steps=4, eta=0.0, guidance=3.0, class_choice=None, seed=0, num_images=2, calib_samples=8)
     values.update(changes)
-    return dict(model=str(model), **values)
+    return Controls(model=str(model), **values)
 
 
 def test_the_budget_counts_calibration_until_the_statistics_are_ready(app, conditional_model_dir):
-    plan = app.plan_run(**settings(conditional_model_dir, backbone="bias-correction"))
+    plan = app.plan_run(settings(conditional_model_dir, backbone="bias-correction"))
     assert plan.calibrates and plan.work == 2 * 5 * 4 + 8 * 4 * 2 + 512 * 2
     with pytest.raises(ConfigError) as refused:
-        app.plan_run(**settings(conditional_model_dir, calib_samples=512, steps=50))
+        app.plan_run(settings(conditional_model_dir, calib_samples=512, steps=50))
     assert refused.value.argument == "calib_samples" and f"at most {app.MAX_WORK}" in refused.value.allowed
     with pytest.raises(ConfigError, match="bias-correction or rtn") as refused:
-        app.plan_run(**settings(conditional_model_dir, backbone="adaround"))
+        app.plan_run(settings(conditional_model_dir, backbone="adaround"))
     assert refused.value.argument == "backbone"
-    for event in app.stream_run(app.plan_run(**settings(conditional_model_dir))):  # rtn: calibrates, then caches
+    for event in app.stream_run(app.plan_run(settings(conditional_model_dir))):  # rtn: calibrates, then caches
         pass
-    ready = app.plan_run(**settings(conditional_model_dir))
+    ready = app.plan_run(settings(conditional_model_dir))
     assert not ready.calibrates and ready.work == 2 * 5 * 4  # sampling only, now that the statistics exist
 
 
 def test_one_calibration_at_a_time_and_a_stopped_run_gives_its_lane_back(app, conditional_model_dir):
-    plan = app.plan_run(**settings(conditional_model_dir))
+    plan = app.plan_run(settings(conditional_model_dir))
     first = app.stream_run(plan)
     assert isinstance(next(first), app.Calibrating)  # it holds the lane now
     with pytest.raises(Busy, match="calibration is running"):
-        next(app.stream_run(app.plan_run(**settings(conditional_model_dir, seed=1))))
+        next(app.stream_run(app.plan_run(settings(conditional_model_dir, seed=1))))
     first.close()  # the visitor stops: the worker ends at its next step and releases the lane
     assert app._calibration_lane.acquire(timeout=120)
     app._calibration_lane.release()

@@ -231,8 +231,8 @@ def test_pages_before_a_run_invite_one_and_run_it(default_model, conditional_mod
     assert "No comparison yet" in texts(app.info)
     assert not app.get("plotly_chart")
     # The page's own button runs the last settings (here: fast ones) and shows the page.
-    app.session_state["config"] = common.build_config(str(conditional_model_dir), 4, 8, FAST["steps"], 0.0, 3.0, None, 0,
-                                                      FAST["num_images"], calib_samples=FAST["calib_samples"])
+    app.session_state["config"] = common.build_config(common.Controls(str(conditional_model_dir), 4, 8, FAST["steps"], 0.0, 3.0, None, 0,
+                                                                      FAST["num_images"], calib_samples=FAST["calib_samples"]))
     app.button(key="run_default").click().run()
     no_traceback(app)
     assert not app.error, texts(app.error)

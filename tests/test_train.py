@@ -9,7 +9,8 @@ import torch
 from d2dpm.cli import main as cli_main
 from d2dpm.errors import ConfigError
 from d2dpm.models import load_model
-from d2dpm.train import DEFAULTS, TrainingData, image_unet, learning_rate, main as train_main, steps_left
+from d2dpm.tools.arguments import TRAIN_DEFAULTS
+from d2dpm.tools.train import TrainingData, image_unet, learning_rate, main as train_main, steps_left
 
 
 def test_balanced_drawing_makes_every_class_equally_likely():
@@ -60,12 +61,12 @@ def test_bad_channels_are_refused_with_the_rule(tmp_path, capsys):
 @pytest.mark.parametrize("dataset", ["emoji", "fashion"])
 def test_default_settings_rebuild_the_shipped_architecture(dataset):
     shipped = load_model(dataset).network.config
-    channels = tuple(int(c) for c in DEFAULTS[dataset]["channels"].split(","))
+    channels = tuple(int(c) for c in TRAIN_DEFAULTS[dataset]["channels"].split(","))
     built = image_unet(shipped.in_channels, shipped.num_class_embeds - 1, channels).config
     for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
                 "norm_num_groups", "num_class_embeds"):
         assert _plain(built[key]) == _plain(shipped[key]), key
-    assert not DEFAULTS[dataset]["balance_classes"]
+    assert not TRAIN_DEFAULTS[dataset]["balance_classes"]
 
 
 def _plain(value):
@@ -73,7 +74,7 @@ def _plain(value):
 
 
 def test_weight_average_warms_up_so_the_initial_weights_fade_at_once():
-    from d2dpm.train import WeightAverage
+    from d2dpm.tools.train import WeightAverage
 
     network = torch.nn.Linear(2, 2)
     average = WeightAverage(network, decay=0.9995)

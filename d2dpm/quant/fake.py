@@ -4,7 +4,7 @@ x_int = clamp(round(x/s) + z, 0, 2^b − 1), x̃ = s·(x_int − z), through tor
 output channel, layer inputs per tensor (or per part of a concatenated input, see `LayerQuantizer`).
 A `Quantizer` holds everything that defines the quantized network, layer by layer, so it can be
 saved beside the noise statistics it produced and rebuilt exactly; `quantize_network` returns a
-*new* network and leaves the FP one untouched, so both can run at once and no global switch exists.
+*new* network and leaves the FP one untouched, so both can run at once and no global switch exists. The settings (`QuantConfig`) are in `d2dpm.config`.
 """
 
 from __future__ import annotations
@@ -19,53 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, check_int_range
+from ..config import NOT_QUANTIZED_BITS, QuantConfig
+from ..errors import ConfigError
 
-NOT_QUANTIZED_BITS = (16, 32)  # "16 or 32 bits" means the tensor stays in floating point
-WEIGHT_BITS = (2, 8)
-ACTIVATION_BITS = (4, 8)
-EDGE_LAYER_BITS = 8  # first and last layer stay at 8 bits (Q-Diffusion, PTQD, D²-DPM)
-RANGE_METHODS = ("mse", "minmax")
-# How the quantized network is made (docs/quantization.md): round to nearest; that plus per-layer
-# bias correction; learned rounding (AdaRound) with split concat inputs, plus bias correction.
-BACKBONES = ("adaround", "bias-correction", "rtn")
-# The library's and CLI's default: any configuration calibrates it in seconds on a CPU. The app shows
-# the paper-like adaround, shipped for its default views (docs/quantization.md, "Cost").
-DEFAULT_BACKBONE = "bias-correction"
 _CLIP_RATIOS = torch.linspace(1.0, 0.2, 33)  # the MSE search shrinks [min, max] by these factors
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    w_bits: int = 8
-    a_bits: int = 8
-    range_method: str = "mse"  # how activation and weight clipping ranges are chosen
-    keep_edge_layers_8bit: bool = True
-    backbone: str = DEFAULT_BACKBONE
-
-    def __post_init__(self):
-        object.__setattr__(self, "w_bits", check_int_range("w_bits", self.w_bits, *WEIGHT_BITS, extra=NOT_QUANTIZED_BITS))
-        object.__setattr__(self, "a_bits", check_int_range("a_bits", self.a_bits, *ACTIVATION_BITS, extra=NOT_QUANTIZED_BITS))
-        if self.range_method not in RANGE_METHODS:
-            raise ConfigError("range_method", self.range_method, " or ".join(RANGE_METHODS))
-        if self.backbone not in BACKBONES:
-            raise ConfigError("backbone", self.backbone, ", ".join(BACKBONES))
-
-    @property
-    def label(self) -> str:
-        return f"W{self.w_bits}A{self.a_bits}"
-
-    def layer_bits(self, is_edge: bool) -> tuple[int, int]:
-        """(weight bits, activation bits) of a layer: edge layers are raised to 8 bits, never lowered."""
-        if not (is_edge and self.keep_edge_layers_8bit):
-            return self.w_bits, self.a_bits
-
-        def raise_to_edge(bits: int) -> int:
-            return bits if bits in NOT_QUANTIZED_BITS else max(bits, EDGE_LAYER_BITS)
-
-        return raise_to_edge(self.w_bits), raise_to_edge(self.a_bits)
 
 
 def quantizable_layers(network: nn.Module) -> dict[str, nn.Module]:

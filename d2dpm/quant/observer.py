@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fake import NOT_QUANTIZED_BITS, LayerQuantizer, QuantConfig, Quantizer, quantizable_layers, tensor_grid, weight_grid
+from ..config import NOT_QUANTIZED_BITS, QuantConfig
+from .fake import LayerQuantizer, Quantizer, quantizable_layers, tensor_grid, weight_grid
 
 OBSERVED_VALUES_PER_CALL = 4096  # random layer-input values kept per forward and input part, for the MSE search
 

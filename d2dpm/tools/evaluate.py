@@ -5,7 +5,7 @@ same noise (`Workbench.compare`, in chunks of at most 64 images or 4096 toy poin
 
 - size MB, BOPs, compression and BOP ratios (from the comparison);
 - MSE and PSNR to the FP samples drawn from the same noise;
-- distances to the training data (see `d2dpm.distances`): SWD ×10³ (weights-free) for the image
+- distances to the training data (see `d2dpm.tools.distances`): SWD ×10³ (weights-free) for the image
   models; FD-FashionCNN for Fashion-MNIST; FD-EffNetLite0 and Inception FID when available;
   the energy distance and exact NLL for toy2d.
 
@@ -33,11 +33,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import ConfigError
-from .quant.fake import BACKBONES, DEFAULT_BACKBONE
+from ..config import BACKBONES, DEFAULT_BACKBONE, DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig, check_eta, parse_methods
+from ..errors import ConfigError
+from .arguments import DEFAULT, DISTANCE_NAMES
 
-DEFAULT_METHODS = "fp,q,ptqd,s-d2,d-d2,mean-only,var-only,oracle"
-DISTANCE_NAMES = ("swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "class_accuracy", "toy")
 METRIC_COLUMNS = ("mse_to_fp", "psnr_to_fp", "class_accuracy", "swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "energy", "nll")
 LOWER_IS_BETTER = {"mse_to_fp": True, "psnr_to_fp": False, "class_accuracy": False, "swd": True, "fd_fashioncnn": True,
                    "fd_effnetlite0": True, "fid_inception": True, "energy": True, "nll": True}
@@ -262,7 +261,7 @@ class EvaluateConfig:
     methods: tuple[str, ...]
     seeds: list[int]
     num_samples: int = 64
-    steps: int = 20
+    steps: int = DEFAULT.steps
     calib_samples: int | None = None
     distances: tuple[str, ...] = DISTANCE_NAMES
     backbones: tuple[str, ...] = (DEFAULT_BACKBONE,)
@@ -285,9 +284,8 @@ def evaluate_cell(workbench, model_spec: str, w_bits: int, a_bits: int, eta: flo
                   seed: int, suite: DistanceSuite, progress=None, include_fp: bool = True,
                   backbone: str = DEFAULT_BACKBONE) -> tuple[list[dict], object]:
     """One configuration and seed: all methods on N shared-noise samples; one row per method."""
-    from .experiment import DEFAULT_CALIB_SAMPLES, MAX_IMAGES, MAX_POINTS, CompareConfig
-    from .metrics import per_image_errors
-    from .models import load_model
+    from ..metrics import per_image_errors
+    from ..models import load_model
 
     samples: dict[str, list[torch.Tensor]] = {}
     labels: list[torch.Tensor] = []
@@ -372,11 +370,10 @@ def noise_diagnostics(workbench, model_spec: str, w_bits: int, a_bits: int, eta:
     ε − E' left after the conditional-mean correction E' = ε̂ − μ_cond(ε̂); and the variances of ε,
     ε̂ and E'. Var(E') < Var(ε) means mean correction leaves a variance *deficit*, which D-D²'s
     absorption (removing more variance) makes worse, while S-D²'s added draw fills it."""
-    from .calibration import fp_trajectories
-    from .experiment import DEFAULT_CALIB_SAMPLES, CompareConfig
-    from .models import NoisePredictor
-    from .noise_model import by_channel
-    from .schedule import DDIMSchedule
+    from ..calibration import fp_trajectories
+    from ..models import NoisePredictor
+    from ..noise_model import by_channel
+    from ..schedule import DDIMSchedule
 
     model = workbench.model(model_spec)
     config = CompareConfig(model=model_spec, w_bits=w_bits, a_bits=a_bits, steps=steps, eta=eta, guidance=guidance, backbone=backbone,
@@ -507,32 +504,7 @@ def results_markdown(table: pd.DataFrame, header: str = "") -> str:
 # Command
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="emoji", help="comma-separated: emoji, fashion, toy2d or model folders (default emoji)")
-    parser.add_argument("--bits", default="W8A8,W4A8,W4A6", help="comma-separated W/A settings (default W8A8,W4A8,W4A6)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
-    parser.add_argument("--eta", default="0,1", help="comma-separated DDIM η values in [0, 1] (default 0,1)")
-    parser.add_argument("--guidance", default=None, help="comma-separated guidance scales (default: 3 for class-conditional models, 1 otherwise)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    parser.add_argument("--num-samples", type=int, default=64, help="samples per cell and seed (in chunks of 64 images or 4096 points; default 64)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the spread is over these (default 0,1,2)")
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (default 128)")
-    parser.add_argument("--distances", default="swd,fd_fashioncnn,fd_effnetlite0,fid_inception,toy",
-                        help="which distances to try (those that do not apply or lack weights are skipped with a note)")
-    parser.add_argument("--reference", default=None, help="an .npz of reference images ('images', optional 'labels') for a model "
-                        "with no known training data (default: Emoji-32 for emoji, the shipped Fashion-MNIST subset for fashion)")
-    parser.add_argument("--backbones", default=DEFAULT_BACKBONE, help=f"comma-separated PTQ backbones: {', '.join(BACKBONES)} "
-                        f"(default {DEFAULT_BACKBONE})")
-    parser.add_argument("--diagnostics", action="store_true", help="also check the noise model per step on fresh trajectories")
-    parser.add_argument("--diagnostic-samples", type=int, default=32, help="trajectories for --diagnostics (default 32)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--out", required=True, help="output folder for results.csv, per_seed.csv, results.md")
-
-
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    from .experiment import parse_methods
-
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     if not models:
         raise ConfigError("model", args.model, "a comma-separated list of models")
@@ -549,8 +521,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         if backbone not in BACKBONES:
             raise ConfigError("backbones", backbone, ", ".join(BACKBONES))
     for eta in etas:
-        if not 0.0 <= eta <= 1.0:
-            raise ConfigError("eta", eta, "numbers from 0 to 1")
+        check_eta(eta)
     return EvaluateConfig(
         models=models, bits=parse_bits(args.bits), etas=etas, guidances=guidances,
         methods=parse_methods(args.methods), seeds=_ints("seeds", args.seeds), num_samples=args.num_samples,
@@ -562,7 +533,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .experiment import Workbench
+    from ..experiment import Workbench
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -623,14 +594,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"wrote results.csv, per_seed.csv, results.md{', diagnostics.csv' if diagnostics else ''}, run.json to {out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m d2dpm.evaluate ARGS` is `d2dpm evaluate ARGS`."""
-    from .cli import main as cli_main
-
-    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@
   weights and no download. Reported ×10³ as in the paper.
 - `frechet_distance`: ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½) between Gaussians fitted to features.
   Used with three feature extractors:
-    * `FashionFeatureNet`, a small Fashion-MNIST classifier trained by this project and shipped in
+    * `SmallImageClassifier`, a small Fashion-MNIST classifier trained by this project and shipped in
       assets/eval (its test accuracy is in fashion_classifier.json): "FD-FashionCNN";
     * EfficientNet-Lite0 (ImageNet, optional extra, 1280-d pooled features): "FD-EffNetLite0" —
       not comparable with published FID;
@@ -14,7 +14,7 @@
 - `energy_distance` and `toy2d_distances`: for the 2-D toy, whose density is known exactly.
 
 Build the shipped evaluation assets (the classifier, its reference statistics, and a fixed subset of
-Fashion-MNIST test images used as the SWD reference) with ``python -m d2dpm.distances``.
+Fashion-MNIST test images used as the SWD reference) with ``python -m d2dpm.tools.distances``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
+from ..models import ASSETS_DIR
+
+EVAL_DIR = ASSETS_DIR / "eval"
 FASHION_CLASSIFIER_FILE = EVAL_DIR / "fashion_classifier.safetensors"
 FASHION_CLASSIFIER_INFO = EVAL_DIR / "fashion_classifier.json"
 EMOJI_CLASSIFIER_FILE = EVAL_DIR / "emoji_classifier.safetensors"
@@ -244,7 +246,7 @@ def toy2d_distances(points: torch.Tensor, reference_count: int = 4096, seed: int
     """For toy2d samples [N, 2]: energy distance to fresh draws of the exact mixture, and the exact
     negative log-likelihood of the samples under the true density (nats/point; the density's own
     entropy, about the NLL of true samples, is the floor)."""
-    from .datasets import sample_toy2d, toy2d_log_density
+    from ..toy import sample_toy2d, toy2d_log_density
 
     generator = torch.Generator().manual_seed(10_000 + seed)
     reference = sample_toy2d(reference_count, generator=generator)
@@ -288,7 +290,7 @@ def load_classifier(model_name: str) -> SmallImageClassifier:
     if path is None:
         raise OptionalDependencyMissing(f"no classifier is shipped for model {model_name!r} (only for {', '.join(CLASSIFIER_FILES)})")
     if not path.is_file():
-        raise OptionalDependencyMissing(f"the classifier {path.name} is missing from assets/eval (build it with `python -m d2dpm.distances`)")
+        raise OptionalDependencyMissing(f"the classifier {path.name} is missing from assets/eval (build it with `python -m d2dpm.tools.distances`)")
     weights = load_file(str(path))
     net = SmallImageClassifier(weights["body.0.0.weight"].shape[1], weights["head.1.weight"].shape[0])
     net.load_state_dict(weights)
@@ -438,7 +440,7 @@ def reference_images(model_name: str) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building the shipped assets (python -m d2dpm.distances)
+# Building the shipped assets (python -m d2dpm.tools.distances)
 
 
 def train_classifier(train_images, train_labels, test_images, test_labels, num_classes: int, epochs: int, seed: int,
@@ -519,7 +521,7 @@ def build_emoji_classifier(epochs: int = 60, seed: int = 0, out: Path = EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / EMOJI_CLASSIFIER_FILE.name))
     info = {
-        "network": "d2dpm.distances.SmallImageClassifier (4 conv-BN-ReLU blocks, 128-d pooled features, linear head), 3 channels, 9 groups",
+        "network": "d2dpm.tools.distances.SmallImageClassifier (4 conv-BN-ReLU blocks, 128-d pooled features, linear head), 3 channels, 9 groups",
         "trained_on": f"Emoji-32 without the held-out names: {int((~held_out).sum())} images; 2-px random shifts and horizontal "
                       "flips; cross-entropy weighted by 1/(group size)",
         "held_out": f"{int(held_out.sum())} images: {EMOJI_HELD_OUT:.0%} of the emoji base names, every skin-tone variant of "
@@ -528,7 +530,7 @@ def build_emoji_classifier(epochs: int = 60, seed: int = 0, out: Path = EVAL_DIR
         "seed": seed,
         "held_out_accuracy": round(accuracy, 4),
         "held_out_accuracy_per_group": per_group,
-        "built_by": "python -m d2dpm.distances --dataset emoji",
+        "built_by": "python -m d2dpm.tools.distances --dataset emoji",
         "build_seconds": round(time.time() - started),
     }
     (out / EMOJI_CLASSIFIER_INFO.name).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
@@ -551,14 +553,14 @@ def build_fashion_assets(epochs: int = 4, seed: int = 0, out: Path = EVAL_DIR) -
     raw = ((test.images[picks, 0, 2:30, 2:30] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     np.savez_compressed(out / FASHION_REF_IMAGES_FILE.name, images=raw, labels=test.labels[picks].numpy().astype(np.uint8), test_indices=picks.numpy())
     info = {
-        "network": "d2dpm.distances.SmallImageClassifier (4 conv-BN-ReLU blocks, 128-d pooled features, linear head)",
+        "network": "d2dpm.tools.distances.SmallImageClassifier (4 conv-BN-ReLU blocks, 128-d pooled features, linear head)",
         "trained_on": "Fashion-MNIST train, 60000 images, padded to 32x32, [-1, 1]; 2-px random shifts and horizontal flips",
         "epochs": epochs,
         "seed": seed,
         "test_accuracy": round(accuracy, 4),
         "reference_statistics": f"{FASHION_REF_STATS_FILE.name}: mean and covariance of the 128-d features of the 60000 training images",
         "reference_images": f"{FASHION_REF_IMAGES_FILE.name}: {FASHION_REF_IMAGES} Fashion-MNIST test images (28x28 uint8, indices stored), the SWD reference",
-        "built_by": "python -m d2dpm.distances",
+        "built_by": "python -m d2dpm.tools.distances",
         "build_seconds": round(time.time() - started),
     }
     (out / FASHION_CLASSIFIER_INFO.name).write_text(json.dumps(info, indent=2) + "\n")
@@ -566,7 +568,7 @@ def build_fashion_assets(epochs: int = 4, seed: int = 0, out: Path = EVAL_DIR) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d2dpm.distances", description="build assets/eval: for fashion, the "
+    parser = argparse.ArgumentParser(prog="python -m d2dpm.tools.distances", description="build assets/eval: for fashion, the "
                                      "Fashion-MNIST classifier, its reference statistics and the SWD reference images (needs the "
                                      "Debian package dataset-fashion-mnist); for emoji, the emoji group classifier (from the shipped Emoji-32)")
     parser.add_argument("--dataset", choices=("fashion", "emoji"), default="fashion")

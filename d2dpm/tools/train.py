@@ -1,6 +1,6 @@
 """`d2dpm train`: train an embedded model (DDPM ε-prediction) and save it in d2dpm's model folder.
 
-    python -m d2dpm.train --dataset toy2d --out out/toy2d
+    d2dpm train --dataset toy2d --out out/toy2d
 
 The folder holds d2dpm_model.json, the EMA weights (unet/ or network/, safetensors), the DDIM
 scheduler config, training_log.csv, and checkpoint/training_state.pt (raw weights, optimizer,
@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import shlex
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,26 +25,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
-from .datasets import load_emoji32, load_fashion_mnist, sample_toy2d
-from .errors import ConfigError
-from .models import DEFAULT_SCHEDULER_CONFIG
-from .toy import ToyEpsMLP
+from ..errors import ConfigError
+from ..models import DEFAULT_SCHEDULER_CONFIG
+from ..toy import ToyEpsMLP, sample_toy2d
+from .arguments import TRAIN_DEFAULTS, add_train_arguments
+from .datasets import load_emoji32, load_fashion_mnist
 
-DATASETS = ("emoji", "fashion", "toy2d")
-# Defaults per data set for the flags left out: small image nets tolerate a high learning rate;
-# the toy MLP sees fresh points every step and needs far fewer steps.
-# The defaults rebuild the shipped models' architecture (their exact commands are in
-# assets/models/*/d2dpm_model.json). The emoji candidate that draws every group needs wider coarse
-# levels and class balance (--channels 16,32,96,128 --balance-classes: 3.1 M parameters, 1.33-1.40×
-# the CPU time on 2 threads; 59 % of Emoji-32 is People & Body, 2 % Activities) and a longer GPU run
-# than this project has had: 4.9 k and 7.7 k steps on an H200 drew mostly unrecognisable shapes.
-DEFAULTS = {
-    "emoji": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000,
-              "channels": "16,32,64,64", "balance_classes": False},
-    "fashion": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000,
-                "channels": "16,32,64,64", "balance_classes": False},
-    "toy2d": {"steps": 8000, "batch_size": 256, "lr": 2e-3, "ema_decay": 0.998, "cooldown_steps": 3000},
-}
 WARMUP_STEPS = 500
 GRAD_CLIP = 1.0
 TOY_INPUT_FREQUENCIES = 6  # Fourier features 2^0..2^5 of the toy point: resolve the ring and spiral widths (~0.07)
@@ -158,34 +143,6 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASETS, required=True)
-    parser.add_argument("--out", type=Path, required=True, help="model folder to write (created)")
-    parser.add_argument("--steps", type=int, help="total optimizer steps, counting those of a resumed run "
-                        "(default: emoji/fashion 20000, toy2d 8000)")
-    parser.add_argument("--batch-size", type=int, help="default: 1024 for images, 256 for toy2d")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate after a 500-step warm-up (default: 1e-3 for images, 2e-3 for toy2d)")
-    parser.add_argument("--cooldown-steps", type=int, help="anneal the learning rate to 0 (cosine) over the last N "
-                        "of --steps (default: 5000 for images, 3000 for toy2d)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--ema-decay", type=float, help="decay of the weight average that is saved "
-                        "(default: 0.9995 for images, 0.998 for toy2d)")
-    parser.add_argument("--channels", help="image UNet: output channels of its 4 levels, 32×32 to 4×4 (default 16,32,64,64)")
-    parser.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
-                        help="draw every class equally often rather than every image (default: off)")
-    parser.add_argument("--label-dropout", type=float, default=0.1,
-                        help="probability of training on the null class, for classifier-free guidance")
-    parser.add_argument("--resume", type=Path, help="a model folder written by this command: continue from its checkpoint")
-    parser.add_argument("--max-minutes", type=float, help="stop and save after this much training time "
-                        "(for machines that limit a command's run time); --resume continues. The cool-down "
-                        "then ends at the time limit if that comes before --steps")
-    parser.add_argument("--checkpoint-every", type=int, default=2000, help="save the folder every N steps")
-    parser.add_argument("--log", type=Path, help="also append the progress lines to this text file")
-    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CUDA, capture the training step as a CUDA graph and replay it (default: on)")
-
-
 def learning_rate(args: argparse.Namespace, step: int, remaining: int) -> float:
     """Warm-up, constant, then a cosine cool-down to 0 when `remaining` steps reach 0. A constant
     rate leaves the weights jittering, and sampling is sensitive to the small ε errors at high noise
@@ -198,7 +155,7 @@ def learning_rate(args: argparse.Namespace, step: int, remaining: int) -> float:
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
-    for key, value in DEFAULTS[args.dataset].items():
+    for key, value in TRAIN_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
 
@@ -518,9 +475,3 @@ def main(argv: list[str] | None = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
-
-
-if __name__ == "__main__":  # `python -m d2dpm.train ARGS` is `d2dpm train ARGS`
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))

@@ -39,10 +39,9 @@ from typing import Callable
 
 import torch
 
-from .quant.fake import BACKBONES, DEFAULT_BACKBONE
+from ..config import BACKBONES, DEFAULT_BACKBONE, DEFAULT_CALIB_SAMPLES, DEFAULT_METHODS, CompareConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-COMPARE_METHODS = ("fp", "q", "ptqd", "s-d2", "d-d2")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CORRECTIONS = ("ptqd", "s-d2", "d-d2", "mean-only", "var-only")
 TARGETS = {
     "forward_ratio_max": 1.5,
@@ -179,11 +178,10 @@ def _model_folder_ddpm_cifar10(folder: Path) -> Path:
 
 def sampler_throughput(workbench, model_spec: str, batch: int, steps: int, guidance, repeats: int, warmup: int, calib_samples: int) -> dict:
     """Images/s of the FP-only and the quantized-only DDIM sampler at `batch`."""
-    from .corrections import Correction
-    from .experiment import CompareConfig
-    from .models import NoisePredictor
-    from .sampler import SamplerNoise, Track, sample
-    from .schedule import DDIMSchedule
+    from ..corrections import Correction
+    from ..models import NoisePredictor
+    from ..sampler import SamplerNoise, Track, sample
+    from ..schedule import DDIMSchedule
 
     model = workbench.model(model_spec)
     config = CompareConfig(model=model_spec, steps=steps, guidance=guidance, calib_samples=calib_samples).validated(model)
@@ -220,11 +218,11 @@ def _figure_arguments(argv: list[str]) -> list[str]:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from .calibration import calibrate
-    from .corrections import Correction, make_correction
-    from .experiment import CompareConfig, Workbench
-    from .models import NoisePredictor
-    from .schedule import DDIMSchedule
+    from ..calibration import calibrate
+    from ..corrections import Correction, make_correction
+    from ..experiment import Workbench
+    from ..models import NoisePredictor
+    from ..schedule import DDIMSchedule
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,7 +256,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     model = workbench.model(args.model)
     base = CompareConfig(model=args.model, w_bits=args.w_bits, a_bits=args.a_bits, steps=args.steps, eta=1.0,
-                         methods=COMPARE_METHODS, num_images=args.images, calib_samples=calib_samples).validated(model)
+                         methods=DEFAULT_METHODS, num_images=args.images, calib_samples=calib_samples).validated(model)
     report["model_load_s"] = time.perf_counter() - started
 
     # Calibration of every backbone (from an empty cache). The app calibrates rtn and bias-correction
@@ -341,12 +339,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     report["sampler_step"] = steps_report
 
     # One full comparison (statistics already in the workbench, as in a warm app).
-    _log(f"compare {','.join(COMPARE_METHODS)}: {args.images} images, {base.steps} steps")
+    _log(f"compare {','.join(DEFAULT_METHODS)}: {args.images} images, {base.steps} steps")
     # η = 1 as calibrated above, so no second calibration; every branch of every correction runs.
     compare_config = CompareConfig(model=args.model, w_bits=base.w_bits, a_bits=base.a_bits, steps=base.steps, eta=base.eta,
-                                   methods=COMPARE_METHODS, num_images=args.images, calib_samples=calib_samples)
+                                   methods=DEFAULT_METHODS, num_images=args.images, calib_samples=calib_samples)
     t_compare = timed(lambda: workbench.compare(compare_config), max(1, repeats // 2 + 1), warmup, device)
-    report["compare"] = {**t_compare, "methods": list(COMPARE_METHODS), "images": args.images, "steps": base.steps, "eta": base.eta,
+    report["compare"] = {**t_compare, "methods": list(DEFAULT_METHODS), "images": args.images, "steps": base.steps, "eta": base.eta,
                          "meets_target": t_compare["median_s"] <= TARGETS["compare_seconds_max"]}
 
     # App cold start (its own process).
@@ -422,32 +420,11 @@ def markdown_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="emoji", help="model to time (default emoji)")
-    parser.add_argument("--w-bits", type=int, default=4)
-    parser.add_argument("--a-bits", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--images", type=int, default=8, help="images of the timed comparison (default 8)")
-    parser.add_argument("--threads", type=int, default=None, help="pin torch's CPU threads (2 as on a free Space)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up runs (default 2, quick 1)")
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (default 128, quick 4)")
-    parser.add_argument("--calib-repeats", type=int, default=None, help="timed calibrations (default 1)")
-    parser.add_argument("--gpu-batch", type=int, default=256)
-    parser.add_argument("--skip-app", action="store_true", help="do not time the app's cold start")
-    parser.add_argument("--app-timeout", type=float, default=120.0)
-    parser.add_argument("--skip-gpu-throughput", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="few repeats and a tiny calibration (for tests)")
-    parser.add_argument("--out", default=None, help="also write the JSON to this file")
-    parser.add_argument("--markdown", default=None, help="also write a Markdown table of the figures to this file")
-
-
 def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     quick = bool(args.quick)
     args.repeats = args.repeats or (2 if quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
-    args.calib_samples = args.calib_samples or (4 if quick else 128)
+    args.calib_samples = args.calib_samples or (4 if quick else DEFAULT_CALIB_SAMPLES)
     args.calib_repeats = args.calib_repeats or 1
     return args
 
@@ -463,14 +440,3 @@ def run_bench_command(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(markdown_summary(report) + "\n")
     print(text)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m d2dpm.bench ARGS` is `d2dpm bench ARGS`."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
