@@ -112,14 +112,28 @@ def validate(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, nu
         raise _visitor_error(error) from None
 
 
-# Finished comparisons, shared by every visitor of this server: an identical run returns at once.
-RESULTS = common.ResultStore(16)
+# Finished comparisons, shared by every visitor of this server: an identical run returns at once. A visitor's
+# session (gr.State) keeps only the key of its latest result, so however many sessions there are, results
+# take at most what this store holds (common.MAX_STORED_RESULTS, MAX_STORED_RESULTS_MB).
+RESULTS = common.ResultStore()
+DROPPED = ("This comparison is no longer in the server's memory (other visitors' runs replaced it). "
+           "Press Run comparison to run it again.")
 
 
-def _final_outputs(result: ComparisonResult, seconds: float, cached: bool, folder):
+def stored_result(state) -> ComparisonResult | None:
+    """The visitor's latest result from the key its session keeps (None before any run)."""
+    if state is None or isinstance(state, ComparisonResult):
+        return state
+    result = RESULTS.get(state)
+    if result is None:
+        raise gr.Error(DROPPED)
+    return result
+
+
+def _final_outputs(result: ComparisonResult, seconds: float, cached: bool, folder, key):
     files = [str(p) for p in common.write_downloads(result, folder)]
     return (common.final_grid(result), common.summary_markdown(result, seconds, cached=cached),
-            common.metrics_display(result.metrics, result.model.kind), files, result)
+            common.metrics_display(result.metrics, result.model.kind), files, key)
 
 
 def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed, num_images,
@@ -127,7 +141,8 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
     """Stream the calibration's progress and the predicted x₀ of every method after each step, then the
     results (at once when the same configuration ran before on this server).
 
-    Outputs: samples image, summary markdown, metrics table, downloads, state. Stopping the event
+    Outputs: samples image, summary markdown, metrics table, downloads, state (the key of the result in
+    RESULTS, not the result: sessions hold no results of their own). Stopping the event
     (the Stop button, or a visitor who leaves) closes this generator, which stops the run at its next step.
     """
     folder = None
@@ -139,7 +154,7 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
         cached = RESULTS.get(plan.config)
         if cached is not None:
             folder = common.new_request_folder()  # Gradio copies the files into its cache; ours go when the event ends
-            yield _final_outputs(cached, time.perf_counter() - start, True, folder)
+            yield _final_outputs(cached, time.perf_counter() - start, True, folder, plan.config)
             return
         kind = common.describe_model(plan.config.model).kind
         result = None
@@ -157,7 +172,7 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
         assert isinstance(result, ComparisonResult)
         RESULTS.put(plan.config, result)
         folder = common.new_request_folder()
-        yield _final_outputs(result, time.perf_counter() - start, False, folder)
+        yield _final_outputs(result, time.perf_counter() - start, False, folder, plan.config)
     except gr.Error:
         raise
     except Exception as error:  # keep serving: one line for the visitor, the trace in the operator's log
@@ -171,9 +186,10 @@ def run_compare(model, w_bits, a_bits, steps, eta, guidance, class_choice, seed,
 VIEW_COUNT = 17
 
 
-def refresh_views(result: ComparisonResult | None, all_paths: bool = False):
+def refresh_views(state, all_paths: bool = False):
     """After a run: the Deviation curves and Trajectories tabs (figures, sliders, step views), their
     'no comparison yet' prompts hidden, the PSNR (or, for points, MSE) chart and the samples caption."""
+    result = stored_result(state)
     if result is None:
         return (gr.skip(),) * VIEW_COUNT
     steps = len(result.records)
@@ -220,22 +236,25 @@ RESIZE_JS = "() => { for (const wait of [50, 300]) setTimeout(() => window.dispa
 NO_RUN = "Run a comparison first (Compare tab)."
 
 
-def deviation_step(result: ComparisonResult | None, step):
+def deviation_step(state, step):
+    result = stored_result(state)
     if result is None:
         raise gr.Error(NO_RUN)
     index = _step_index(result, step)
     return figures.delta_histogram_figure(result.stats, index), figures.joint_density_figure(result.stats, index), common.stats_caption(result, index)
 
 
-def trajectory_step(result: ComparisonResult | None, step):
+def trajectory_step(state, step):
+    result = stored_result(state)
     if result is None:
         raise gr.Error(NO_RUN)
     index = _step_index(result, step)
     return common.step_grid(result, index), common.step_caption(result, index)
 
 
-def particles(result: ComparisonResult | None, all_paths: bool):
+def particles(state, all_paths: bool):
     """toy2d: redraw the particles with a handful of highlighted trajectories, or all of them."""
+    result = stored_result(state)
     if result is None or result.model.kind != "points":
         return gr.skip()
     return figures.particles_figure(result, paths=None if all_paths else figures.HIGHLIGHTED_PATHS)
