@@ -296,19 +296,33 @@ class Calibrating:
     message: str
 
 
-def stream_run(plan: Plan) -> Iterator:
+@dataclass
+class Waiting:
+    """Streamed by `stream_run(plan, heartbeat=…)` after `heartbeat` seconds without news (waiting for a
+    free slot, or a silent part of the work): a point where the UI can notice that its visitor stopped."""
+
+    message: str
+
+
+def stream_run(plan: Plan, heartbeat: float | None = None) -> Iterator:
     """Run a planned comparison in a worker thread; yield `Calibrating` while it calibrates, then what
     `Workbench.iter_compare` yields. Raises Busy when no slot of its kind is free, Cancelled if stopped.
 
     Closing this generator (Gradio's cancel, Streamlit's stop, a visitor who leaves) stops the run at
-    its next step; its slot is given back when the worker ends."""
+    its next step; its slot is given back when the worker ends. With `heartbeat` (seconds), a `Waiting`
+    event comes whenever nothing else did for that long, so a UI that can only be interrupted when it
+    updates the page (Streamlit) stays stoppable while the run waits for a slot or works silently."""
     lane = _calibration_lane if plan.calibrates else _sampling_slots
     if plan.calibrates:
         if not lane.acquire(blocking=False):
             raise Busy("Another visitor's calibration is running, and this server calibrates one at a time. Try again in a "
                        "minute, or choose settings whose statistics are ready (the presets at 20 steps).")
-    elif not lane.acquire(timeout=SLOT_WAIT):
-        raise Busy(f"The server is busy with other comparisons (no free slot in {SLOT_WAIT:g} s). Please try again.")
+    else:
+        deadline = time.monotonic() + SLOT_WAIT
+        while not lane.acquire(timeout=max(0.0, min(heartbeat or SLOT_WAIT, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise Busy(f"The server is busy with other comparisons (no free slot in {SLOT_WAIT:g} s). Please try again.")
+            yield Waiting("waiting for a free slot (other visitors' comparisons are running)…")
     stop = threading.Event()
     events: queue.Queue = queue.Queue()
 
@@ -331,7 +345,11 @@ def stream_run(plan: Plan) -> Iterator:
     threading.Thread(target=work, name="d2dpm-run", daemon=True).start()
     try:
         while True:
-            event = events.get()
+            try:
+                event = events.get(timeout=heartbeat)
+            except queue.Empty:
+                yield Waiting("working…")
+                continue
             if isinstance(event, StopIteration):
                 return
             if isinstance(event, BaseException):
