@@ -34,6 +34,9 @@ CSS = """
 /* The grid PNG is drawn at its own pixel size and only ever scaled down here: smooth scaling keeps
    its text labels legible (pixelated downscaling dropped strokes from them). */
 #samples img, #x0-step img {image-rendering: auto; max-width: 100%; height: auto; object-fit: contain;}
+/* The image's fullscreen/download buttons float at its top right: a strip above the picture keeps them off
+   the grid's title line (on a narrow screen the title reaches the right edge). */
+#samples .image-container, #x0-step .image-container {padding-top: 34px;}
 .method-chip {display: inline-block; padding: 1px 8px; margin: 2px 4px 2px 0; border-radius: 10px; color: white; font-size: 0.85em;}
 .prompt {padding: 12px 16px; border-radius: 8px; background: var(--block-background-fill); border: 1px dashed var(--border-color-primary);}
 footer {display: none !important;}
@@ -43,6 +46,13 @@ footer {display: none !important;}
   .column {flex: 1 1 100% !important; min-width: 100% !important; max-width: 100% !important;}
   .block {min-width: 0 !important; max-width: 100% !important;}
   #title h1 {font-size: 1.3em;}
+  /* Phone reading order: the story (title, interpretation), the example grid, then the settings with Run,
+     then the table, downloads and guide. The results column dissolves into the row so its parts can be
+     ordered around the settings column. */
+  #compare-row {flex-direction: column !important; flex-wrap: nowrap !important;}
+  #results {display: contents !important;}
+  #summary {order: 1;} #samples-caption {order: 2;} #samples {order: 3;} #controls {order: 4;}
+  #metrics {order: 5;} #psnr-plot {order: 6;} #downloads {order: 7;} #guide {order: 8;} #chips {order: 9;}
   #metrics, #metrics .table-wrap {max-width: 100%; overflow-x: auto;}
   .js-plotly-plot, .plot-container {max-width: 100% !important;}
 }
@@ -231,6 +241,9 @@ def _step_index(result: ComparisonResult, step) -> int:
 
 # A new run closes the messages of earlier ones (they piled up while their 8 s ran).
 CLEAR_TOASTS_JS = "() => { document.querySelectorAll('.toast-close').forEach(button => button.click()); }"
+# On a phone the settings (and Run) come after the grid: after Run, show the grid, where the run streams in.
+SHOW_GRID_JS = ("() => { document.querySelectorAll('.toast-close').forEach(button => button.click()); "
+                "if (window.innerWidth <= 700) document.querySelector('#samples')?.scrollIntoView({block: 'start'}); }")
 RESIZE_JS = "() => { for (const wait of [50, 300]) setTimeout(() => window.dispatchEvent(new Event('resize')), wait); }"
 
 NO_RUN = "Run a comparison first (Compare tab)."
@@ -299,8 +312,8 @@ def build_demo() -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=1, min_width=300):
+                with gr.Row(equal_height=False, elem_id="compare-row"):
+                    with gr.Column(scale=1, min_width=300, elem_id="controls"):
                         model = gr.Dropdown(common.MODEL_CHOICES, value=common.DEFAULT_MODEL, allow_custom_value=True, label="Model",
                                             info="emoji, fashion, toy2d, or a diffusers model folder / hub id", elem_id="model")
                         model_msg = gr.Markdown(elem_id="model-info")
@@ -343,7 +356,7 @@ def build_demo() -> gr.Blocks:
                             granularity = gr.Radio(["channel", "tensor"], value="channel", label="Noise model granularity")
                             gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
                                         f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
-                    with gr.Column(scale=2, min_width=0):
+                    with gr.Column(scale=2, min_width=0, elem_id="results"):
                         samples_note = gr.Markdown("### Samples\n" + common.samples_caption("image"), elem_id="samples-caption")
                         summary = gr.Markdown(summary0, elem_id="summary")
                         samples = gr.Image(value=grid0, label="Samples", show_label=False, type="pil",
@@ -354,7 +367,7 @@ def build_demo() -> gr.Blocks:
                         downloads = gr.File(label="Downloads: " + ", ".join(common.DOWNLOAD_NAMES), file_count="multiple",
                                             interactive=False, elem_id="downloads", height=140)
                         gr.Markdown(common.GUIDE, elem_id="guide")
-                        gr.Markdown("Colours used in every plot: " + _chips())
+                        gr.Markdown("Colours used in every plot: " + _chips(), elem_id="chips")
             with gr.Tab("Deviation curves", id="deviation") as deviation_tab:
                 gr.Markdown(common.DEVIATION_INTRO)
                 with gr.Column(visible=True, elem_id="deviation-prompt") as dev_prompt:
@@ -405,7 +418,7 @@ def build_demo() -> gr.Blocks:
         compare_events = []
         for index, button in enumerate((run, dev_run, traj_run)):
             suffix = "" if index == 0 else f"_{index}"
-            button.click(None, None, None, js=CLEAR_TOASTS_JS, queue=False)
+            button.click(None, None, None, js=SHOW_GRID_JS if button is run else CLEAR_TOASTS_JS, queue=False)
             event = button.click(validate, controls, None, api_name="validate" + suffix, show_progress="hidden").success(
                 run_compare, controls, [samples, summary, metrics, downloads, state], api_name="compare" + suffix,
                 concurrency_limit=common.RUN_SLOTS, concurrency_id="compare", show_progress_on=[samples],
