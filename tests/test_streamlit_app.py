@@ -350,3 +350,12 @@ def test_streamlit_stop_ends_a_run_that_waits(waits_for, monkeypatch):
     finally:
         for _ in held:
             common._sampling_slots.release()
+
+
+def test_the_visitor_has_a_stop_button():
+    """Streamlit's Stop lives in its status widget, which toolbarMode "minimal" hides: a visitor could then
+    not stop a run at all (checked in Chromium: "viewer" shows Running… and Stop, and no Deploy button)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["toolbarMode"] == "viewer"
