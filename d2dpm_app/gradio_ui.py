@@ -53,6 +53,7 @@ footer {display: none !important;}
   #results {display: contents !important;}
   #summary {order: 1;} #samples-caption {order: 2;} #samples {order: 3;} #controls {order: 4;}
   #metrics {order: 5;} #psnr-plot {order: 6;} #downloads {order: 7;} #guide {order: 8;} #chips {order: 9;}
+  #hist-plot, #joint-plot {min-width: 100% !important;}  /* Figure 2's two plots one above the other */
   #metrics, #metrics .table-wrap {max-width: 100%; overflow-x: auto;}
   .js-plotly-plot, .plot-container {max-width: 100% !important;}
 }
