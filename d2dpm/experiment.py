@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 # In-memory caches of a Workbench, least recently used dropped first (a quantized network is a copy of the model).
 MAX_CACHED_STATS = int(os.environ.get("D2DPM_MAX_CACHED_STATS", "32"))
 MAX_CACHED_NETWORKS = int(os.environ.get("D2DPM_MAX_CACHED_NETWORKS", "4"))
+# The statistics cache on disk (cache_dir/stats): files beyond this count or total size go, least
+# recently used first (a cache hit marks its file as used), so calibrations on a public server
+# cannot fill its disk.
+MAX_DISK_STATS = int(os.environ.get("D2DPM_MAX_DISK_STATS", "256"))
+MAX_DISK_STATS_MB = float(os.environ.get("D2DPM_MAX_DISK_STATS_MB", "256"))
 SHIPPED_STATS_DIR = ASSETS_DIR / "stats"
 
 
@@ -215,20 +220,60 @@ class Workbench:
         if not path.is_file():
             return None
         try:
-            return load_statistics(path, expected=config), "cache"
+            found = load_statistics(path, expected=config), "cache"
         except ConfigError as error:  # corrupted or stale: recalibrate rather than fail
             log.warning("ignoring cache entry %s (%s); recalibrating", path, error)
             return None
+        try:
+            os.utime(path)  # used just now: the last file the size limit removes
+        except OSError:
+            pass
+        return found
 
     def _store_in_cache(self, stats: NoiseStatistics) -> None:
         path = self._cache_path(stats.config)
+        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             stats.save(temporary)
             temporary.replace(path)  # atomic: a reader never sees half a file
         except OSError as error:
             log.warning("could not cache statistics at %s: %s", path, error)
+            temporary.unlink(missing_ok=True)
+            return
+        self.prune_cache(keep=path)
+
+    def prune_cache(self, max_files: int | None = None, max_mb: float | None = None, keep: Path | None = None) -> list[Path]:
+        """Remove the least recently used statistics files of the disk cache until at most `max_files`
+        (MAX_DISK_STATS) remain, totalling at most `max_mb` (MAX_DISK_STATS_MB); `keep` (the file just
+        written) stays. Returns the removed files."""
+        max_files = MAX_DISK_STATS if max_files is None else max_files
+        max_bytes = (MAX_DISK_STATS_MB if max_mb is None else max_mb) * 2**20
+        entries = []
+        for path in (self.cache_dir / "stats").glob("*.safetensors"):
+            try:
+                status = path.stat()
+            except OSError:  # removed meanwhile by another process
+                continue
+            entries.append((status.st_mtime, status.st_size, path))
+        entries.sort(key=lambda entry: entry[0])  # least recently used first
+        count, total = len(entries), sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, path in entries:
+            if count <= max_files and total <= max_bytes:
+                break
+            if keep is not None and path == keep:
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                log.warning("could not remove cache entry %s: %s", path, error)
+                continue
+            count, total = count - 1, total - size
+            removed.append(path)
+        return removed
 
     # -- the quantized network belonging to a set of statistics
 

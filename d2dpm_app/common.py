@@ -342,19 +342,33 @@ class Calibrating:
     message: str
 
 
-def stream_run(plan: Plan) -> Iterator:
+@dataclass
+class Waiting:
+    """Streamed by `stream_run(plan, heartbeat=…)` after `heartbeat` seconds without news (waiting for a
+    free slot, or a silent part of the work): a point where the UI can notice that its visitor stopped."""
+
+    message: str
+
+
+def stream_run(plan: Plan, heartbeat: float | None = None) -> Iterator:
     """Run a planned comparison in a worker thread; yield `Calibrating` while it calibrates, then what
     `Workbench.iter_compare` yields. Raises Busy when no slot of its kind is free, Cancelled if stopped.
 
     Closing this generator (Gradio's cancel, Streamlit's stop, a visitor who leaves) stops the run at
-    its next step; its slot is given back when the worker ends."""
+    its next step; its slot is given back when the worker ends. With `heartbeat` (seconds), a `Waiting`
+    event comes whenever nothing else did for that long, so a UI that can only be interrupted when it
+    updates the page (Streamlit) stays stoppable while the run waits for a slot or works silently."""
     lane = _calibration_lane if plan.calibrates else _sampling_slots
     if plan.calibrates:
         if not lane.acquire(blocking=False):
             raise Busy("Another visitor's calibration is running, and this server calibrates one at a time. Try again in a "
                        "minute, or choose settings whose statistics are ready (the presets at 20 steps).")
-    elif not lane.acquire(timeout=SLOT_WAIT):
-        raise Busy(f"The server is busy with other comparisons (no free slot in {SLOT_WAIT:g} s). Please try again.")
+    else:
+        deadline = time.monotonic() + SLOT_WAIT
+        while not lane.acquire(timeout=max(0.0, min(heartbeat or SLOT_WAIT, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise Busy(f"The server is busy with other comparisons (no free slot in {SLOT_WAIT:g} s). Please try again.")
+            yield Waiting("waiting for a free slot (other visitors' comparisons are running)…")
     stop = threading.Event()
     events: queue.Queue = queue.Queue()
 
@@ -377,7 +391,11 @@ def stream_run(plan: Plan) -> Iterator:
     threading.Thread(target=work, name="d2dpm-run", daemon=True).start()
     try:
         while True:
-            event = events.get()
+            try:
+                event = events.get(timeout=heartbeat)
+            except queue.Empty:
+                yield Waiting("working…")
+                continue
             if isinstance(event, StopIteration):
                 return
             if isinstance(event, BaseException):
@@ -541,12 +559,37 @@ def download_payloads(result: ComparisonResult, grid=None) -> list[tuple[str, by
     return [(name, contents[name], DOWNLOAD_TYPES[Path(name).suffix]) for name in DOWNLOAD_NAMES]
 
 
+def result_bytes(result: ComparisonResult) -> int:
+    """The memory a finished comparison holds in tensors (its step records dominate)."""
+    import torch
+
+    total = sum(t.numel() * t.element_size() for t in result.samples.values())
+    for step in result.records:
+        for record in step.values():
+            for value in vars(record).values():
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+    return total
+
+
+# What the shared store of finished comparisons may hold, in results and in memory (a comparison at the
+# whole budget holds about 150 MB of step records). The latest result always stays.
+MAX_STORED_RESULTS = int(os.environ.get("D2DPM_MAX_STORED_RESULTS", "16"))
+MAX_STORED_RESULTS_MB = float(os.environ.get("D2DPM_MAX_STORED_RESULTS_MB", "512"))
+
+
 class ResultStore:
     """Finished comparisons keyed by their full configuration, shared by every visitor of one server
-    (results are read-only once made), so an identical run returns at once. Thread-safe, LRU."""
+    (results are read-only once made), so an identical run returns at once. Thread-safe, least recently
+    used dropped first beyond `size` results or `max_mb` of tensors (the most recent always stays).
 
-    def __init__(self, size: int = 16):
+    The apps keep a visitor's latest result here and only its key in the visitor's session, so the
+    memory results take is bounded however many sessions there are."""
+
+    def __init__(self, size: int = MAX_STORED_RESULTS, max_mb: float | None = None):
         self.size, self.lock, self.items = size, threading.Lock(), OrderedDict()
+        self.max_bytes = (MAX_STORED_RESULTS_MB if max_mb is None else max_mb) * 2**20
+        self.sizes: dict = {}
 
     def get(self, config: CompareConfig) -> ComparisonResult | None:
         with self.lock:
@@ -556,10 +599,22 @@ class ResultStore:
             return None
 
     def put(self, config: CompareConfig, result: ComparisonResult) -> None:
+        size = result_bytes(result)
         with self.lock:
             self.items[config] = result
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
+            self.items.move_to_end(config)
+            self.sizes[config] = size
+            while len(self.items) > 1 and (len(self.items) > self.size or sum(self.sizes.values()) > self.max_bytes):
+                evicted, _ = self.items.popitem(last=False)
+                self.sizes.pop(evicted, None)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.items)
+
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(self.sizes.values())
 
 
 def rows_note(mean: bool, variance: bool, modes) -> str:

@@ -16,7 +16,7 @@ import time
 import gradio as gr
 
 from d2dpm import figures, teaching
-from d2dpm.experiment import ComparisonResult, CompareProgress, default_workbench
+from d2dpm.experiment import ComparisonResult, CompareProgress
 from d2dpm.methods import METHODS
 
 from . import common, story
@@ -36,6 +36,9 @@ CSS = """
 /* The grid PNG is drawn at its own pixel size and only ever scaled down here: smooth scaling keeps
    its text labels legible (pixelated downscaling dropped strokes from them). */
 #samples img, #x0-step img {image-rendering: auto; max-width: 100%; height: auto; object-fit: contain;}
+/* The image's fullscreen/download buttons float at its top right: a strip above the picture keeps them off
+   the grid's title line (on a narrow screen the title reaches the right edge). */
+#samples .image-container, #x0-step .image-container {padding-top: 34px;}
 .method-chip {display: inline-block; padding: 1px 8px; margin: 2px 4px 2px 0; border-radius: 10px; color: white; font-size: 0.85em;}
 .prompt {padding: 12px 16px; border-radius: 8px; background: var(--block-background-fill); border: 1px dashed var(--border-color-primary);}
 footer {display: none !important;}
@@ -45,6 +48,14 @@ footer {display: none !important;}
   .column {flex: 1 1 100% !important; min-width: 100% !important; max-width: 100% !important;}
   .block {min-width: 0 !important; max-width: 100% !important;}
   #title h1 {font-size: 1.3em;}
+  /* Phone reading order: the story (title, interpretation), the example grid, then the settings with Run,
+     then the table, downloads and guide. The results column dissolves into the row so its parts can be
+     ordered around the settings column. */
+  #compare-row {flex-direction: column !important; flex-wrap: nowrap !important;}
+  #results {display: contents !important;}
+  #summary {order: 1;} #samples-caption {order: 2;} #samples {order: 3;} #controls {order: 4;}
+  #metrics {order: 5;} #psnr-plot {order: 6;} #downloads {order: 7;} #guide {order: 8;} #chips {order: 9;}
+  #hist-plot, #joint-plot {min-width: 100% !important;}  /* Figure 2's two plots one above the other */
   #metrics, #metrics .table-wrap {max-width: 100%; overflow-x: auto;}
   .js-plotly-plot, .plot-container {max-width: 100% !important;}
 }
@@ -131,21 +142,36 @@ def validate(controls: common.Controls) -> None:
         raise _visitor_error(error) from None
 
 
-# Finished comparisons, shared by every visitor of this server: an identical run returns at once.
-RESULTS = common.ResultStore(16)
+# Finished comparisons, shared by every visitor of this server: an identical run returns at once. A visitor's
+# session (gr.State) keeps only the key of its latest result, so however many sessions there are, results
+# take at most what this store holds (common.MAX_STORED_RESULTS, MAX_STORED_RESULTS_MB).
+RESULTS = common.ResultStore()
+DROPPED = ("This comparison is no longer in the server's memory (other visitors' runs replaced it). "
+           "Press Run comparison to run it again.")
 
 
-def _final_outputs(result: ComparisonResult, seconds: float, cached: bool, folder):
+def stored_result(state) -> ComparisonResult | None:
+    """The visitor's latest result from the key its session keeps (None before any run)."""
+    if state is None or isinstance(state, ComparisonResult):
+        return state
+    result = RESULTS.get(state)
+    if result is None:
+        raise gr.Error(DROPPED)
+    return result
+
+
+def _final_outputs(result: ComparisonResult, seconds: float, cached: bool, folder, key):
     files = [str(p) for p in common.write_downloads(result, folder)]
     return (common.final_grid(result), common.summary_markdown(result, seconds, cached=cached),
-            common.metrics_display(result.metrics, result.model.kind), files, result)
+            common.metrics_display(result.metrics, result.model.kind), files, key)
 
 
 def run_compare(controls: common.Controls, progress=gr.Progress()):
     """Stream the calibration's progress and the predicted x₀ of every method after each step, then the
     results (at once when the same configuration ran before on this server).
 
-    Outputs: samples image, summary markdown, metrics table, downloads, state. Stopping the event
+    Outputs: samples image, summary markdown, metrics table, downloads, state (the key of the result in
+    RESULTS, not the result: sessions hold no results of their own). Stopping the event
     (the Stop button, or a visitor who leaves) closes this generator, which stops the run at its next step.
     """
     folder = None
@@ -156,7 +182,7 @@ def run_compare(controls: common.Controls, progress=gr.Progress()):
         cached = RESULTS.get(plan.config)
         if cached is not None:
             folder = common.new_request_folder()  # Gradio copies the files into its cache; ours go when the event ends
-            yield _final_outputs(cached, time.perf_counter() - start, True, folder)
+            yield _final_outputs(cached, time.perf_counter() - start, True, folder, plan.config)
             return
         kind = common.describe_model(plan.config.model).kind
         result = None
@@ -174,7 +200,7 @@ def run_compare(controls: common.Controls, progress=gr.Progress()):
         assert isinstance(result, ComparisonResult)
         RESULTS.put(plan.config, result)
         folder = common.new_request_folder()
-        yield _final_outputs(result, time.perf_counter() - start, False, folder)
+        yield _final_outputs(result, time.perf_counter() - start, False, folder, plan.config)
     except gr.Error:
         raise
     except Exception as error:  # keep serving: one line for the visitor, the trace in the operator's log
@@ -188,9 +214,10 @@ def run_compare(controls: common.Controls, progress=gr.Progress()):
 VIEW_COUNT = 17
 
 
-def refresh_views(result: ComparisonResult | None, all_paths: bool = False):
+def refresh_views(state, all_paths: bool = False):
     """After a run: the Deviation curves and Trajectories tabs (figures, sliders, step views), their
     'no comparison yet' prompts hidden, the PSNR (or, for points, MSE) chart and the samples caption."""
+    result = stored_result(state)
     if result is None:
         return (gr.skip(),) * VIEW_COUNT
     steps = len(result.records)
@@ -232,27 +259,33 @@ def _step_index(result: ComparisonResult, step) -> int:
 
 # A new run closes the messages of earlier ones (they piled up while their 8 s ran).
 CLEAR_TOASTS_JS = "() => { document.querySelectorAll('.toast-close').forEach(button => button.click()); }"
+# On a phone the settings (and Run) come after the grid: after Run, show the grid, where the run streams in.
+SHOW_GRID_JS = ("() => { document.querySelectorAll('.toast-close').forEach(button => button.click()); "
+                "if (window.innerWidth <= 700) document.querySelector('#samples')?.scrollIntoView({block: 'start'}); }")
 RESIZE_JS = "() => { for (const wait of [50, 300]) setTimeout(() => window.dispatchEvent(new Event('resize')), wait); }"
 
 NO_RUN = "Run a comparison first (Compare tab)."
 
 
-def deviation_step(result: ComparisonResult | None, step):
+def deviation_step(state, step):
+    result = stored_result(state)
     if result is None:
         raise gr.Error(NO_RUN)
     index = _step_index(result, step)
     return figures.delta_histogram_figure(result.stats, index), figures.joint_density_figure(result.stats, index), common.stats_caption(result, index)
 
 
-def trajectory_step(result: ComparisonResult | None, step):
+def trajectory_step(state, step):
+    result = stored_result(state)
     if result is None:
         raise gr.Error(NO_RUN)
     index = _step_index(result, step)
     return common.step_grid(result, index), common.step_caption(result, index)
 
 
-def particles(result: ComparisonResult | None, all_paths: bool):
+def particles(state, all_paths: bool):
     """toy2d: redraw the particles with a handful of highlighted trajectories, or all of them."""
+    result = stored_result(state)
     if result is None or result.model.kind != "points":
         return gr.skip()
     return figures.particles_figure(result, paths=None if all_paths else figures.HIGHLIGHTED_PATHS)
@@ -298,8 +331,8 @@ def build_demo() -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=1, min_width=300):
+                with gr.Row(equal_height=False, elem_id="compare-row"):
+                    with gr.Column(scale=1, min_width=300, elem_id="controls"):
                         model = gr.Dropdown(common.MODEL_CHOICES, value=common.DEFAULT_MODEL, allow_custom_value=True, label="Model",
                                             info="emoji, fashion, toy2d, or a diffusers model folder / hub id", elem_id="model")
                         model_msg = gr.Markdown(elem_id="model-info")
@@ -342,7 +375,7 @@ def build_demo() -> gr.Blocks:
                             granularity = gr.Radio(common.GRANULARITY_CHOICES, value=defaults.granularity, label="Noise model granularity")
                             gr.Markdown(f"CPU budget: images × method rows × steps ≤ {common.MAX_IMAGE_STEPS}, "
                                         f"and with a calibration (trajectories × steps × 2) ≤ {common.MAX_WORK}.")
-                    with gr.Column(scale=2, min_width=0):
+                    with gr.Column(scale=2, min_width=0, elem_id="results"):
                         samples_note = gr.Markdown("### Samples\n" + common.samples_caption("image"), elem_id="samples-caption")
                         summary = gr.Markdown(summary0, elem_id="summary")
                         samples = gr.Image(value=grid0, label="Samples", show_label=False, type="pil",
@@ -353,7 +386,7 @@ def build_demo() -> gr.Blocks:
                         downloads = gr.File(label="Downloads: " + ", ".join(common.DOWNLOAD_NAMES), file_count="multiple",
                                             interactive=False, elem_id="downloads", height=140)
                         gr.Markdown(common.GUIDE, elem_id="guide")
-                        gr.Markdown("Colours used in every plot: " + _chips())
+                        gr.Markdown("Colours used in every plot: " + _chips(), elem_id="chips")
             with gr.Tab("Deviation curves", id="deviation") as deviation_tab:
                 gr.Markdown(common.DEVIATION_INTRO)
                 with gr.Column(visible=True, elem_id="deviation-prompt") as dev_prompt:
@@ -406,7 +439,7 @@ def build_demo() -> gr.Blocks:
         compare_events = []
         for index, button in enumerate((run, dev_run, traj_run)):
             suffix = "" if index == 0 else f"_{index}"
-            button.click(None, None, None, js=CLEAR_TOASTS_JS, queue=False)
+            button.click(None, None, None, js=SHOW_GRID_JS if button is run else CLEAR_TOASTS_JS, queue=False)
             event = button.click(controls_event(validate), controls, None, api_name="validate" + suffix, show_progress="hidden").success(
                 controls_event(run_compare), controls, [samples, summary, metrics, downloads, state], api_name="compare" + suffix,
                 concurrency_limit=common.RUN_SLOTS, concurrency_id="compare", show_progress_on=[samples],

@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 from d2dpm import figures, teaching
-from d2dpm.experiment import CompareConfig, ComparisonResult, CompareProgress, default_workbench
+from d2dpm.experiment import CompareConfig, ComparisonResult, CompareProgress
 
 from . import common, story
 
@@ -23,6 +23,9 @@ PAGES = ROOT / "pages"
 RESULT_KEY = "result"
 CONFIG_KEY = "config"
 STORE_SIZE = 16
+# How often a run that reports nothing (waiting for a slot, a silent part of a calibration) still touches
+# the page: Streamlit's stop takes effect only when the script updates the page.
+STOP_CHECK_SECONDS = 0.5
 OTHER_MODEL = "other: a folder or hub id…"
 
 
@@ -53,7 +56,8 @@ def run_comparison(config: CompareConfig | common.Plan, image_slot=None, kind: s
     """Run (or fetch from the store) one comparison, streaming the predicted x₀ into `image_slot`
     and showing calibration and sampling progress. Raises ConfigError on bad input, Busy when the
     server's slots are taken. The visitor's Stop (or a rerun) raises inside a progress update here,
-    which closes the run's stream and so stops the run at its next step."""
+    which closes the run's stream and so stops the run at its next step; the bar is touched at least
+    every STOP_CHECK_SECONDS, so a Stop is noticed while the run waits or works silently too."""
     plan = config if isinstance(config, common.Plan) else common.plan_config(config)
     store = result_store()
     cached = store.get(plan.config)
@@ -61,13 +65,18 @@ def run_comparison(config: CompareConfig | common.Plan, image_slot=None, kind: s
         return cached
     bar = st.progress(0.0, text="starting…")
     result = None
-    stream = common.stream_run(plan)
+    shown = (0.0, "starting…")
+    stream = common.stream_run(plan, heartbeat=STOP_CHECK_SECONDS)
     try:
         for event in stream:
-            if isinstance(event, common.Calibrating):
-                bar.progress(min(max(event.fraction, 0.0), 1.0), text=f"calibrating the noise model: {event.message}")
+            if isinstance(event, common.Waiting):  # nothing new: the same bar again, where a Stop raises
+                bar.progress(shown[0], text=shown[1] if shown[1] != "starting…" else event.message)
+            elif isinstance(event, common.Calibrating):
+                shown = (min(max(event.fraction, 0.0), 1.0), f"calibrating the noise model: {event.message}")
+                bar.progress(shown[0], text=shown[1])
             elif isinstance(event, CompareProgress):
-                bar.progress(event.step / event.total, text=f"sampling: step {event.step}/{event.total}")
+                shown = (event.step / event.total, f"sampling: step {event.step}/{event.total}")
+                bar.progress(shown[0], text=shown[1])
                 if image_slot is not None:
                     image_slot.image(common.progress_grid(event.x0, kind, event.step, event.total))
             else:

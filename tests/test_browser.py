@@ -64,6 +64,20 @@ def in_viewport_without_scrolling(page, locator, where: str) -> None:
     assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= height, f"{where}: {box} not within the first {height} px"
 
 
+def buttons_clear_of_the_image(page, selector: str) -> None:
+    """The image's floating buttons (fullscreen, download) sit above the picture, not over its title line."""
+    boxes = page.evaluate(f"""() => {{ const block = document.querySelector({selector!r});
+        const buttons = block.querySelector('.icon-button-wrapper'), image = block.querySelector('img');
+        return buttons && image ? [buttons.getBoundingClientRect().bottom, image.getBoundingClientRect().top] : null; }}""")
+    assert boxes is None or boxes[0] <= boxes[1] + 1, f"{selector}: the buttons end at {boxes[0]}, the image starts at {boxes[1]}"
+
+
+def reading_order(page, selectors: list[str], where: str) -> None:
+    """The elements come down the page in this order."""
+    tops = page.evaluate("(selectors) => selectors.map(s => document.querySelector(s).getBoundingClientRect().top + window.scrollY)", selectors)
+    assert tops == sorted(tops), f"{where}: {dict(zip(selectors, tops))}"
+
+
 def not_pixelated(page, selector: str) -> None:
     """The displayed grid is scaled smoothly (pixelated downscaling garbled its text labels)."""
     rendering = page.evaluate(f"() => Array.from(document.querySelectorAll({selector!r})).map(e => getComputedStyle(e).imageRendering)")
@@ -142,6 +156,7 @@ def drive_gradio(page, url: str, shots: Shots) -> None:
     expect(page.locator("#summary")).to_contain_text("Precomputed example")
     in_viewport_without_scrolling(page, page.locator("#run-button"), "gradio run button")
     not_pixelated(page, "#samples img")
+    buttons_clear_of_the_image(page, "#samples")
     shots.page(page, "0-start")
     # Views opened before a run: a prompt, not an empty plot.
     for tab, prompt in (("Deviation curves", "#deviation-prompt"), ("Trajectories", "#trajectories-prompt")):
@@ -235,9 +250,12 @@ def drive_gradio_phone(page, url: str, shots: Shots) -> None:
     page.locator("#run-button").wait_for(timeout=VIEW_WAIT)
     landing = page.locator("#samples img").first
     landing.wait_for(state="attached", timeout=VIEW_WAIT)
-    landing.scroll_into_view_if_needed()  # on a phone the grid sits under the settings, and loads when scrolled to
+    landing.scroll_into_view_if_needed()  # Gradio loads an image when it is scrolled to
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=landing.element_handle(), timeout=VIEW_WAIT)
     no_horizontal_overflow(page, "gradio landing")
+    # A phone reads the story first: title, interpretation, the example grid, then the settings with Run.
+    reading_order(page, ["#title", "#summary", "#samples", "#model", "#run-button", "#metrics", "#guide"], "gradio phone landing")
+    buttons_clear_of_the_image(page, "#samples")
     shots.page(page, "phone-0-landing")
     gradio_number(page, "steps", FAST["steps"])
     gradio_number(page, "num-images", FAST["images"])
@@ -247,6 +265,8 @@ def drive_gradio_phone(page, url: str, shots: Shots) -> None:
     page.locator("#run-button").click()
     expect(page.locator("#downloads").get_by_role("cell", name="grid.png")).to_be_visible(timeout=RESULT_WAIT)
     no_horizontal_overflow(page, "gradio after a run")
+    grid_top = page.evaluate("() => document.querySelector('#samples').getBoundingClientRect().top")
+    assert 0 <= grid_top < PHONE["height"], f"after Run the grid is not in view on a phone (top at {grid_top})"
     shots.page(page, "phone-1-result")
 
 

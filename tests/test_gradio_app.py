@@ -98,6 +98,45 @@ def test_an_identical_run_returns_from_the_cache(client, conditional_model_dir):
     assert "What quantization did" in second[1]
 
 
+
+def test_sessions_keep_only_a_key_and_finished_results_are_bounded(conditional_model_dir, tmp_path, monkeypatch):
+    """A session's gr.State holds the key of its latest result, not the result; the shared store keeps
+    at most its count and memory limits of results, so sessions cannot pile results up in memory."""
+    import pickle
+
+    import gradio as gr
+
+    from d2dpm.experiment import CompareConfig, ComparisonResult, Workbench
+    from d2dpm_app import common, gradio_ui
+
+    monkeypatch.setenv("D2DPM_EXTRA_MODELS", str(conditional_model_dir))
+    monkeypatch.setattr("d2dpm.experiment._default_workbench", Workbench(cache_dir=tmp_path, device="cpu"))
+    monkeypatch.setattr(gradio_ui, "RESULTS", common.ResultStore(2))
+    keys = []
+    for seed in (0, 1, 2):
+        *_, final = gradio_ui.run_compare(*compare_args(conditional_model_dir, seed=seed, backbone="rtn"), progress=lambda *a, **k: None)
+        key = final[4]
+        assert isinstance(key, CompareConfig) and not isinstance(key, ComparisonResult) and len(pickle.dumps(key)) < 2000
+        keys.append(key)
+    assert len(gradio_ui.RESULTS) == 2  # the oldest of three went
+    with pytest.raises(gr.Error, match="no longer in the server's memory"):
+        gradio_ui.trajectory_step(keys[0], 1)
+    image, caption = gradio_ui.trajectory_step(keys[2], 1)
+    assert caption.startswith("Step 1/")
+    views = gradio_ui.refresh_views(keys[1])
+    assert len(views) == gradio_ui.VIEW_COUNT
+    # The memory limit: results beyond it go, least recently used first, but the latest always stays.
+    results = [gradio_ui.RESULTS.get(key) for key in keys[1:]]
+    one = common.result_bytes(results[0])
+    assert one > 0
+    store = common.ResultStore(16, max_mb=1.5 * one / 2**20)
+    store.put(keys[1], results[0])
+    store.put(keys[2], results[1])
+    assert len(store) == 1 and store.get(keys[2]) is results[1] and store.nbytes() <= 1.5 * one
+    tiny = common.ResultStore(16, max_mb=0)
+    tiny.put(keys[1], results[0])
+    assert tiny.get(keys[1]) is results[0]  # alone and over the limit: kept, it is the visitor's latest
+
 def test_visitors_at_once_get_independent_results(server, conditional_model_dir, tmp_path):
     # Three visitors submit together (two with the same seed); the queue runs two at a time.
     visitors = [gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path / f"v{i}")) for i in range(3)]

@@ -128,6 +128,39 @@ def test_lru_and_keyed_locks_stay_small():
     assert len(locks) == 0
 
 
+
+def test_the_disk_cache_of_statistics_is_bounded_least_recently_used_first(conditional_model_dir, tmp_path, monkeypatch):
+    import os
+
+    from d2dpm import experiment
+    from d2dpm.experiment import CompareConfig
+
+    workbench = Workbench(cache_dir=tmp_path, device="cpu")
+    folder = tmp_path / "stats"
+    folder.mkdir()
+    old = []
+    for index in range(5):  # earlier calibrations, the first the least recently used
+        path = folder / f"old{index}.safetensors"
+        path.write_bytes(b"\0" * 1000)
+        os.utime(path, (1_000_000 + index, 1_000_000 + index))
+        old.append(path)
+    os.utime(old[0], (2_000_000, 2_000_000))  # the oldest file was used since: it stays
+    monkeypatch.setattr(experiment, "MAX_DISK_STATS", 3)
+    config = CompareConfig(model=str(conditional_model_dir), steps=2, calib_samples=2, num_images=1, backbone="rtn")
+    workbench.compare(config)  # calibrates and caches its statistics: three files may remain
+    left = sorted(p.name for p in folder.glob("*.safetensors"))
+    written = [name for name in left if not name.startswith("old")]
+    assert len(left) == 3 and len(written) == 1, left
+    assert {"old0.safetensors", "old4.safetensors"} <= set(left)  # the used one and the newest of the others
+    assert not list(folder.glob("*.tmp"))
+    # A size limit too: everything but the file just written goes when it alone exceeds it.
+    removed = workbench.prune_cache(max_files=100, max_mb=0, keep=folder / written[0])
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == written and len(removed) == 2
+    # A cache hit marks its file as used (the limit then removes others first).
+    os.utime(folder / written[0], (1_000, 1_000))
+    Workbench(cache_dir=tmp_path, device="cpu").compare(config)
+    assert (folder / written[0]).stat().st_mtime > 1_000_000
+
 # -- the apps' budget, lanes and stopping (in process, on the tiny model)
 
 @pytest.fixture

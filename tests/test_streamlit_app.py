@@ -264,3 +264,98 @@ def test_point_model_shows_particles(default_model, tmp_path):
     app.switch_page(TRAJECTORIES).run()
     no_traceback(app)
     assert len(app.get("plotly_chart")) >= 3  # RMSE, moments, and the particles over the density
+
+
+# -- Streamlit's stop: the script ends only at a page update, so a run that waits must keep updating
+
+
+class VisitorStopped(Exception):
+    """What Streamlit raises at the script's next page update once the visitor pressed Stop."""
+
+
+class StoppableBar:
+    """Stands in for st.progress: its updates raise once `stop` is set, as Streamlit's do after a Stop."""
+
+    def __init__(self, stop):
+        self.stop, self.updates = stop, 0
+
+    def progress(self, *args, **kwargs):
+        self.updates += 1
+        if self.stop.is_set():
+            raise VisitorStopped()
+
+    def empty(self):
+        pass
+
+
+@pytest.mark.parametrize("waits_for", ["a silent calibration", "a sampling slot"])
+def test_streamlit_stop_ends_a_run_that_waits(waits_for, monkeypatch):
+    import threading
+    import time
+
+    from d2dpm.experiment import CompareConfig
+    from d2dpm_app import common, streamlit_ui
+
+    stop, started, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def silent_calibration(config, progress=None, allow_calibration=True, should_stop=None, public=False):
+        """A calibration phase that reports nothing for 60 s, but ends at its next step once stopped."""
+        started.set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if should_stop is not None and should_stop():
+                ended.set()
+                raise common.Cancelled("stopped")
+        yield None
+
+    class Bench:
+        iter_compare = staticmethod(silent_calibration)
+
+    monkeypatch.setattr(common, "default_workbench", lambda: Bench())
+    monkeypatch.setattr(streamlit_ui, "result_store", lambda: common.ResultStore(2))
+    bar = StoppableBar(stop)
+    monkeypatch.setattr(streamlit_ui.st, "progress", lambda *args, **kwargs: bar)
+    plan = common.Plan(CompareConfig(model="emoji", seed=12345), calibrates=waits_for == "a silent calibration", work=0.0)
+    held = []
+    if waits_for == "a sampling slot":  # every slot busy with other visitors' comparisons
+        while common._sampling_slots.acquire(blocking=False):
+            held.append(True)
+    outcome = {}
+
+    def visitor():
+        try:
+            streamlit_ui.run_comparison(plan)
+        except BaseException as error:
+            outcome["error"] = error
+        outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=visitor, daemon=True)
+    try:
+        thread.start()
+        time.sleep(1.5)
+        assert thread.is_alive()  # still waiting, the page kept up to date
+        pressed = time.monotonic()
+        stop.set()  # the visitor presses Stop
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "Stop did not end the wait"
+        assert isinstance(outcome["error"], VisitorStopped) and outcome["at"] - pressed < 3 * streamlit_ui.STOP_CHECK_SECONDS + 1
+        assert bar.updates >= 2
+        if waits_for == "a silent calibration":
+            assert started.is_set() and ended.wait(10)  # the worker stopped at its next step
+            assert common._calibration_lane.acquire(timeout=10)  # and gave its lane back
+            common._calibration_lane.release()
+        else:
+            assert not started.is_set()  # it never ran
+    finally:
+        for _ in held:
+            common._sampling_slots.release()
+
+
+def test_the_visitor_has_a_stop_button():
+    """Streamlit's Stop lives in its status widget, which toolbarMode "minimal" hides: a visitor could then
+    not stop a run at all (checked in Chromium: "viewer" shows Running… and Stop, and no Deploy button)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["toolbarMode"] == "viewer"

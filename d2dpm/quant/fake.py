@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import NOT_QUANTIZED_BITS, QuantConfig
+from ..config import NOT_QUANTIZED_BITS
 from ..errors import ConfigError
 
 _CLIP_RATIOS = torch.linspace(1.0, 0.2, 33)  # the MSE search shrinks [min, max] by these factors
