@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import (ACTIVATION_BITS, BACKBONES, CALIB_SAMPLES_RANGE, DEFAULT_CALIB_SAMPLES, ETA_RANGE, GRANULARITIES, MAX_CALIB_SEED,
                      MAX_GUIDANCE, MAX_IMAGES, MAX_POINTS, MAX_SEED, NOT_QUANTIZED_BITS, RANGE_METHODS, WEIGHT_BITS, CompareConfig)
-from .errors import ConfigError, int_range_text
+from .errors import ConfigError, int_range_text, integer, number
 from .methods import METHODS
 from .tools.arguments import add_bench_arguments, add_evaluate_arguments, add_train_arguments
 
@@ -63,28 +63,6 @@ class Parser(argparse.ArgumentParser):
         if choice:
             message = f"{choice[1]}: got {choice[2]}; allowed: {choice[3].replace(chr(39), '')}"
         raise BadArguments(f"{self.prog}: error: {message}")
-
-
-def integer(allowed: str):
-    """An argparse type: an integer (written as one), else an error that says what is allowed."""
-
-    def parse(text: str) -> int:
-        try:
-            return int(text.strip())
-        except ValueError:  # "3.5", "four", "", a number of more than 4300 digits
-            raise argparse.ArgumentTypeError(f"got {text[:80]!r}; allowed: {allowed}") from None
-
-    return parse
-
-
-def number(allowed: str):
-    def parse(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"got {text[:80]!r}; allowed: {allowed}") from None
-
-    return parse
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+
 
 class ConfigError(ValueError):
     """A user-facing input error: names the argument, what was given and what is allowed.
@@ -45,6 +48,41 @@ def check_float_range(argument: str, value, low: float, high: float) -> float:
     if not (low <= as_float <= high):  # also rejects NaN
         raise ConfigError(argument, value, allowed)
     return as_float
+
+
+def integer(allowed: str | None = None, low: int | None = None, high: int | None = None):
+    """An argparse type: an integer (written as one) within [low, high] when they are given, else a
+    one-line error that says what is allowed (`allowed`, or the range in words)."""
+    if allowed is None:
+        allowed = int_range_text(low, high) if high is not None else f"an integer ≥ {low}" if low is not None else "an integer"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:  # "3.5", "four", "", a number of more than 4300 digits
+            raise argparse.ArgumentTypeError(f"got {text[:80]!r}; allowed: {allowed}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"got {text[:80]!r}; allowed: {allowed}")
+        return value
+
+    return parse
+
+
+def number(allowed: str, low: float | None = None, high: float | None = None, above_low: bool = False):
+    """An argparse type: a finite number within [low, high] (above `low` if `above_low`), else a
+    one-line error that says what is allowed."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text[:80]!r}; allowed: {allowed}") from None
+        too_low = low is not None and (value <= low if above_low else value < low)
+        if (low is not None or high is not None) and (not math.isfinite(value) or too_low or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"got {text[:80]!r}; allowed: {allowed}")
+        return value
+
+    return parse
 
 
 class Busy(RuntimeError):

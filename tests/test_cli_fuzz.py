@@ -253,6 +253,23 @@ def test_integer_flags_say_the_allowed_range(flag, value, allowed, tmp_path, cap
         (" (4096 for point models)" if flag == "--num-images" else "")
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["train", "--dataset", "emoji", "--steps", "-5"], "--steps: got '-5'; allowed: an integer ≥ 1"),
+    (["train", "--dataset", "emoji", "--lr", "0"], "--lr: got '0'; allowed: a number above 0"),
+    (["train", "--dataset", "emoji", "--label-dropout", "nan"], "--label-dropout: got 'nan'; allowed: a number from 0 to 1"),
+    (["train", "--dataset", "emoji", "--checkpoint-every", "1.5"], "--checkpoint-every: got '1.5'; allowed: an integer ≥ 1"),
+    (["evaluate", "--num-samples", "abc"], "--num-samples: got 'abc'; allowed: an integer ≥ 1"),
+    (["evaluate", "--calib-samples", "1"], "--calib-samples: got '1'; allowed: an integer ≥ 2"),
+    (["bench", "--repeats", "0"], "--repeats: got '0'; allowed: an integer ≥ 1"),
+    (["bench", "--w-bits", "3.5"], "--w-bits: got '3.5'; allowed: an integer from 2 to 8, or 16, 32"),
+])
+def test_workshop_flags_say_what_is_allowed_before_any_work(arguments, message, tmp_path, capsys):
+    """train, evaluate and bench refuse a bad number in one line, before loading data or writing anything."""
+    assert main([*arguments, "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == f"d2dpm {arguments[0]}: error: {message}"
+    assert not (tmp_path / "x").exists()
+
+
 HEAVY = ("torch", "diffusers", "pandas", "numpy", "d2dpm.experiment", "d2dpm.corrections", "d2dpm.models", "d2dpm.tools.train",
          "d2dpm.tools.evaluate", "d2dpm.tools.bench", "d2dpm.tools.distances", "d2dpm.tools.datasets")
 PROBE = """

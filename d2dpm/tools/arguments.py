@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config import BACKBONES, DEFAULT_BACKBONE, DEFAULT_CALIB_SAMPLES, CompareConfig
+from ..errors import integer, number
 
 DEFAULT = CompareConfig()  # the defaults a comparison starts from
 
@@ -35,26 +36,26 @@ TRAIN_DEFAULTS = {
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (created)")
-    parser.add_argument("--steps", type=int, help="total optimizer steps, counting those of a resumed run "
+    parser.add_argument("--steps", type=integer(low=1), help="total optimizer steps, counting those of a resumed run "
                         "(default: emoji/fashion 20000, toy2d 8000)")
-    parser.add_argument("--batch-size", type=int, help="default: 1024 for images, 256 for toy2d")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate after a 500-step warm-up (default: 1e-3 for images, 2e-3 for toy2d)")
-    parser.add_argument("--cooldown-steps", type=int, help="anneal the learning rate to 0 (cosine) over the last N "
+    parser.add_argument("--batch-size", type=integer(low=1), help="default: 1024 for images, 256 for toy2d")
+    parser.add_argument("--lr", type=number("a number above 0", low=0, above_low=True), help="AdamW learning rate after a 500-step warm-up (default: 1e-3 for images, 2e-3 for toy2d)")
+    parser.add_argument("--cooldown-steps", type=integer(low=0), help="anneal the learning rate to 0 (cosine) over the last N "
                         "of --steps (default: 5000 for images, 3000 for toy2d)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=integer(low=0, high=2**63 - 1), default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--ema-decay", type=float, help="decay of the weight average that is saved "
+    parser.add_argument("--ema-decay", type=number("a number from 0 to 1", low=0, high=1), help="decay of the weight average that is saved "
                         "(default: 0.9995 for images, 0.998 for toy2d)")
     parser.add_argument("--channels", help="image UNet: output channels of its 4 levels, 32×32 to 4×4 (default 16,32,64,64)")
     parser.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
                         help="draw every class equally often rather than every image (default: off)")
-    parser.add_argument("--label-dropout", type=float, default=0.1,
+    parser.add_argument("--label-dropout", type=number("a number from 0 to 1", low=0, high=1), default=0.1,
                         help="probability of training on the null class, for classifier-free guidance")
     parser.add_argument("--resume", type=Path, help="a model folder written by this command: continue from its checkpoint")
-    parser.add_argument("--max-minutes", type=float, help="stop and save after this much training time "
+    parser.add_argument("--max-minutes", type=number("a number of minutes above 0", low=0, above_low=True), help="stop and save after this much training time "
                         "(for machines that limit a command's run time); --resume continues. The cool-down "
                         "then ends at the time limit if that comes before --steps")
-    parser.add_argument("--checkpoint-every", type=int, default=2000, help="save the folder every N steps")
+    parser.add_argument("--checkpoint-every", type=integer(low=1), default=2000, help="save the folder every N steps")
     parser.add_argument("--log", type=Path, help="also append the progress lines to this text file")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, capture the training step as a CUDA graph and replay it (default: on)")
@@ -73,10 +74,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=EVALUATE_METHODS, help=f"comma-separated (default {EVALUATE_METHODS})")
     parser.add_argument("--eta", default="0,1", help="comma-separated DDIM η values in [0, 1] (default 0,1)")
     parser.add_argument("--guidance", default=None, help="comma-separated guidance scales (default: 3 for class-conditional models, 1 otherwise)")
-    parser.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"DDIM steps (default {DEFAULT.steps})")
-    parser.add_argument("--num-samples", type=int, default=64, help="samples per cell and seed (in chunks of 64 images or 4096 points; default 64)")
+    parser.add_argument("--steps", type=integer(low=1), default=DEFAULT.steps, help=f"DDIM steps (default {DEFAULT.steps})")
+    parser.add_argument("--num-samples", type=integer(low=1), default=64, help="samples per cell and seed (in chunks of 64 images or 4096 points; default 64)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the spread is over these (default 0,1,2)")
-    parser.add_argument("--calib-samples", type=int, default=None, help=f"calibration trajectories (default {DEFAULT_CALIB_SAMPLES})")
+    parser.add_argument("--calib-samples", type=integer(low=2), default=None, help=f"calibration trajectories (default {DEFAULT_CALIB_SAMPLES})")
     parser.add_argument("--distances", default="swd,fd_fashioncnn,fd_effnetlite0,fid_inception,toy",
                         help="which distances to try (those that do not apply or lack weights are skipped with a note)")
     parser.add_argument("--reference", default=None, help="an .npz of reference images ('images', optional 'labels') for a model "
@@ -84,9 +85,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbones", default=DEFAULT_BACKBONE, help=f"comma-separated PTQ backbones: {', '.join(BACKBONES)} "
                         f"(default {DEFAULT_BACKBONE})")
     parser.add_argument("--diagnostics", action="store_true", help="also check the noise model per step on fresh trajectories")
-    parser.add_argument("--diagnostic-samples", type=int, default=32, help="trajectories for --diagnostics (default 32)")
+    parser.add_argument("--diagnostic-samples", type=integer(low=1), default=32, help="trajectories for --diagnostics (default 32)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=integer(low=1), default=None, help="CPU threads for torch")
     parser.add_argument("--out", required=True, help="output folder for results.csv, per_seed.csv, results.md")
 
 
@@ -94,21 +95,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT.model, help=f"model to time (default {DEFAULT.model})")
-    parser.add_argument("--w-bits", type=int, default=DEFAULT.w_bits)
-    parser.add_argument("--a-bits", type=int, default=DEFAULT.a_bits)
-    parser.add_argument("--steps", type=int, default=DEFAULT.steps)
-    parser.add_argument("--images", type=int, default=DEFAULT.num_images,
+    parser.add_argument("--w-bits", type=integer("an integer from 2 to 8, or 16, 32"), default=DEFAULT.w_bits)
+    parser.add_argument("--a-bits", type=integer("an integer from 4 to 8, or 16, 32"), default=DEFAULT.a_bits)
+    parser.add_argument("--steps", type=integer(low=1), default=DEFAULT.steps)
+    parser.add_argument("--images", type=integer(low=1), default=DEFAULT.num_images,
                         help=f"images of the timed comparison (default {DEFAULT.num_images})")
-    parser.add_argument("--threads", type=int, default=None, help="pin torch's CPU threads (2 as on a free Space)")
+    parser.add_argument("--threads", type=integer(low=1), default=None, help="pin torch's CPU threads (2 as on a free Space)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up runs (default 2, quick 1)")
-    parser.add_argument("--calib-samples", type=int, default=None,
+    parser.add_argument("--repeats", type=integer(low=1), default=None, help="timed repeats (default 5, quick 2)")
+    parser.add_argument("--warmup", type=integer(low=0), default=None, help="unmeasured warm-up runs (default 2, quick 1)")
+    parser.add_argument("--calib-samples", type=integer(low=2), default=None,
                         help=f"calibration trajectories (default {DEFAULT_CALIB_SAMPLES}, quick 4)")
-    parser.add_argument("--calib-repeats", type=int, default=None, help="timed calibrations (default 1)")
-    parser.add_argument("--gpu-batch", type=int, default=256)
+    parser.add_argument("--calib-repeats", type=integer(low=1), default=None, help="timed calibrations (default 1)")
+    parser.add_argument("--gpu-batch", type=integer(low=1), default=256)
     parser.add_argument("--skip-app", action="store_true", help="do not time the app's cold start")
-    parser.add_argument("--app-timeout", type=float, default=120.0)
+    parser.add_argument("--app-timeout", type=number("a number of seconds above 0", low=0, above_low=True), default=120.0)
     parser.add_argument("--skip-gpu-throughput", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few repeats and a tiny calibration (for tests)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
