@@ -157,9 +157,11 @@ Before each run, write down what you expect; then run it and compare.
 REFERENCES = f"""
 ### What we measured on these models
 
-Over 3 seeds × 1024 images (the repository's `docs/results.md`): the **mean** correction does nearly all the repair;
-conditioning on $\\hat\\epsilon$ beats PTQD only when the error is correlated with the clean output (toy2d: $\\rho \\approx -0.84$,
-D² removes about 60 % of the damage and PTQD none); on Fashion-MNIST the error is nearly independent noise and PTQD is ahead.
+For every backbone (the repository's `docs/results.md`): the **mean** correction does nearly all the repair, as long as
+the backbone leaves a mean deviation (round to nearest: up to 9 dB; after bias correction or AdaRound: at most 0.5 to 3.3 dB by model and backbone, and on
+emoji often none); conditioning on $\\hat\\epsilon$ beats PTQD where the error is correlated with the output (toy2d with
+round to nearest or bias correction: $\\rho \\approx -0.85$, D² removes 61–73 % of the excess NLL and PTQD none; AdaRound takes
+that correlation away); on the image models PTQD is ahead in most cells, D-D² in some AdaRound ones.
 The **variance** half of D-D² never helped: the mean-corrected output $E' = \\mathbb{{E}}[\\epsilon \\mid \\hat\\epsilon]$ already has
 *less* variance than $\\epsilon$ (by $\\sigma_{{\\text{{cond}}}}^2$ for any joint Gaussian), so absorbing more noise moves away from FP.
 
