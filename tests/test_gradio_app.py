@@ -114,7 +114,7 @@ def test_sessions_keep_only_a_key_and_finished_results_are_bounded(conditional_m
     monkeypatch.setattr(gradio_ui, "RESULTS", common.ResultStore(2))
     keys = []
     for seed in (0, 1, 2):
-        *_, final = gradio_ui.run_compare(*compare_args(conditional_model_dir, seed=seed, backbone="rtn"), progress=lambda *a, **k: None)
+        *_, final = gradio_ui.run_compare(common.Controls.from_widgets(*compare_args(conditional_model_dir, seed=seed, backbone="rtn")), progress=lambda *a, **k: None)
         key = final[4]
         assert isinstance(key, CompareConfig) and not isinstance(key, ComparisonResult) and len(pickle.dumps(key)) < 2000
         keys.append(key)
