@@ -314,6 +314,15 @@ def _landing():
     return example.grid, text, common.metrics_display(example.metrics, example.numbers.get("kind", "image"))
 
 
+def _view_intro(intro: str, view: str):
+    """A view's intro and, until the first run, its prompt with a Run button (ids `<view>-prompt`, `<view>-run`)."""
+    gr.Markdown(intro)
+    with gr.Column(visible=True, elem_id=f"{view}-prompt") as prompt:
+        gr.Markdown(PROMPT, elem_classes=["prompt"])
+        run = gr.Button("Run comparison", variant="primary", elem_id=f"{view}-run")
+    return prompt, run
+
+
 def build_demo() -> gr.Blocks:
     # No usage analytics: the app sends nothing anywhere (and must run with no network at all).
     grid0, summary0, metrics0 = _landing()
@@ -388,10 +397,7 @@ def build_demo() -> gr.Blocks:
                         gr.Markdown(common.GUIDE, elem_id="guide")
                         gr.Markdown("Colours used in every plot: " + _chips(), elem_id="chips")
             with gr.Tab("Deviation curves", id="deviation") as deviation_tab:
-                gr.Markdown(common.DEVIATION_INTRO)
-                with gr.Column(visible=True, elem_id="deviation-prompt") as dev_prompt:
-                    gr.Markdown(PROMPT, elem_classes=["prompt"])
-                    dev_run = gr.Button("Run comparison", variant="primary", elem_id="deviation-run")
+                dev_prompt, dev_run = _view_intro(common.DEVIATION_INTRO, "deviation")
                 with gr.Column(visible=False) as dev_views:
                     deviation_plot = gr.Plot(label="Per-step noise model", show_label=False, elem_id="deviation-plot")
                     gr.Markdown("### The paper's Figure 2 on this model\nThe quantization noise at one step: is it Gaussian, "
@@ -402,10 +408,7 @@ def build_demo() -> gr.Blocks:
                         hist_plot = gr.Plot(label="Histogram of Δ with Gaussian fit", show_label=False, elem_id="hist-plot")
                         joint_plot = gr.Plot(label="Joint density of (ε̂, Δ) with the conditional mean", show_label=False, elem_id="joint-plot")
             with gr.Tab("Trajectories", id="trajectories") as trajectories_tab:
-                gr.Markdown(common.TRAJECTORIES_INTRO)
-                with gr.Column(visible=True, elem_id="trajectories-prompt") as traj_prompt:
-                    gr.Markdown(PROMPT, elem_classes=["prompt"])
-                    traj_run = gr.Button("Run comparison", variant="primary", elem_id="trajectories-run")
+                traj_prompt, traj_run = _view_intro(common.TRAJECTORIES_INTRO, "trajectories")
                 with gr.Column(visible=False) as traj_views:
                     particles_plot = gr.Plot(label="Particles over the data density (toy2d)", show_label=False, visible=False, elem_id="particles-plot")
                     all_paths = gr.Checkbox(False, label="toy2d: draw every trajectory (not only a handful)", elem_id="all-paths", visible=False)
