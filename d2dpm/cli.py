@@ -20,8 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import (ACTIVATION_BITS, BACKBONES, CALIB_SAMPLES_RANGE, DEFAULT_CALIB_SAMPLES, ETA_RANGE, GRANULARITIES, MAX_CALIB_SEED,
-                     MAX_GUIDANCE, MAX_IMAGES, MAX_POINTS, MAX_SEED, NOT_QUANTIZED_BITS, RANGE_METHODS, WEIGHT_BITS, CompareConfig)
+from .config import (ACTIVATION_BITS, BACKBONES, CALIB_SAMPLES_RANGE, DEFAULT_CALIB_SAMPLES, DEFAULT_NUM_IMAGES, ETA_RANGE, GRANULARITIES,
+                     MAX_CALIB_SEED, MAX_GUIDANCE, MAX_IMAGES, MAX_POINTS, MAX_SEED, NOT_QUANTIZED_BITS, RANGE_METHODS, WEIGHT_BITS,
+                     CompareConfig)
 from .errors import ConfigError, int_range_text, integer, number
 from .methods import METHODS
 from .tools.arguments import add_bench_arguments, add_evaluate_arguments, add_train_arguments
@@ -264,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default=",".join(DEFAULT.methods),
                          help=f"comma-separated: {','.join(METHODS)} (default {','.join(DEFAULT.methods)})")
     compare.add_argument("--seed", type=integer(ALLOWED["seed"]), default=DEFAULT.seed)
-    compare.add_argument("--num-images", type=integer(ALLOWED["num_images"]), default=DEFAULT.num_images)
+    compare.add_argument("--num-images", type=integer(ALLOWED["num_images"]), default=DEFAULT.num_images,
+                         help=f"samples to draw (default: one per class for a class-conditional model, else {DEFAULT_NUM_IMAGES})")
     compare.add_argument("--granularity", choices=GRANULARITIES, default=DEFAULT.granularity,
                          help=f"noise model per channel or per tensor (default {DEFAULT.granularity})")
     compare.add_argument("--stats", default=None, help="a statistics file from `d2dpm stats` (default: shipped, cached or calibrated now)")

@@ -135,6 +135,17 @@ DEFAULT_METHODS = ("fp", "q", "ptqd", "s-d2", "d-d2")
 DEFAULT_CALIB_SAMPLES = 128
 MAX_IMAGES = 64
 MAX_POINTS = 4096  # a toy2d "image" is one 2-D point: a cloud of thousands costs less than one 32×32 image
+DEFAULT_NUM_IMAGES = 8  # when one image per class is not the default (see default_num_images)
+MAX_ONE_PER_CLASS = 16  # above this many classes, one image each is too many for a first look
+
+
+def default_num_images(num_classes: int | None) -> int:
+    """How many samples a comparison draws when none is asked for: one per class for a
+    class-conditional model with up to MAX_ONE_PER_CLASS classes (images cycle through the classes,
+    so every group shows once: 9 for emoji, 10 for Fashion-MNIST), else DEFAULT_NUM_IMAGES."""
+    if num_classes and num_classes <= MAX_ONE_PER_CLASS:
+        return num_classes
+    return DEFAULT_NUM_IMAGES
 MAX_SEED = 2**63 - 1
 
 
@@ -174,7 +185,7 @@ class CompareConfig:
     class_label: int | None = None  # None: images cycle through the classes
     methods: tuple[str, ...] = DEFAULT_METHODS
     seed: int = 0
-    num_images: int = 8
+    num_images: int | None = None  # None: default_num_images (one per class for a conditional model)
     calib_samples: int = DEFAULT_CALIB_SAMPLES
     calib_seed: int = 0
     granularity: str = "channel"
@@ -228,7 +239,8 @@ class CompareConfig:
             steps=check_int_range("steps", config.steps, 1, train_steps),
             guidance=guidance,
             class_label=class_label,
-            num_images=check_int_range("num_images", config.num_images, 1, MAX_POINTS if model.kind == "points" else MAX_IMAGES),
+            num_images=check_int_range("num_images", default_num_images(model.num_classes) if config.num_images is None
+                                       else config.num_images, 1, MAX_POINTS if model.kind == "points" else MAX_IMAGES),
         )
 
     def stats_config(self, model: DiffusionModel) -> StatsConfig:

@@ -13,6 +13,7 @@ files are removed when it ends. Visitors see one-line messages, never exception 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from typing import Iterator
 import pandas as pd
 
 from d2dpm.calibration import RECONSTRUCTION_INPUTS
-from d2dpm.config import BACKBONES, GRANULARITIES, MAX_IMAGES, MAX_POINTS, CompareConfig
+from d2dpm.config import BACKBONES, DEFAULT_NUM_IMAGES, GRANULARITIES, MAX_IMAGES, MAX_POINTS, CompareConfig, default_num_images
 from d2dpm.errors import Busy, Cancelled, ConfigError, check_int_range
 from d2dpm.experiment import ComparisonResult, default_workbench
 from d2dpm.figures import auto_scale, comparison_grid, method_label, result_grid, run_title, step_images, write_outputs
@@ -66,7 +67,7 @@ BACKBONE_HELP = ("PTQ backbone: how the quantized network is made. It removes th
                  "D²-DPM and PTQD then model the deviation left at each step.")
 
 # The CPU budget: images × method rows × steps ("image-steps"). Each image-step is one image
-# through one network at one step; the default comparison (8 images, 5 rows, 20 steps) is 800.
+# through one network at one step; the default comparison (9 emoji, 5 rows, 20 steps) is 900.
 # 2,400 keeps a comparison of the embedded models to seconds on a 2-core Space. Operators with
 # more hardware raise it with the environment variable D2DPM_MAX_IMAGE_STEPS.
 MAX_IMAGE_STEPS = int(os.environ.get("D2DPM_MAX_IMAGE_STEPS", "2400"))
@@ -101,7 +102,17 @@ class SampleCount:
     default: int
 
 
-SAMPLE_COUNTS = {"image": SampleCount("Images", min(MAX_IMAGES, 32), DEFAULT.num_images), "points": SampleCount("Points", MAX_POINTS, 1000)}
+SAMPLE_COUNTS = {"image": SampleCount("Images", min(MAX_IMAGES, 32), DEFAULT_NUM_IMAGES), "points": SampleCount("Points", MAX_POINTS, 1000)}
+
+
+def sample_count(summary: "ModelSummary") -> SampleCount:
+    """The count control for this model: for a class-conditional image model, one image per
+    class by default (emoji: 9, every group once), as a comparison with no count draws."""
+    count = SAMPLE_COUNTS[summary.kind]
+    if summary.kind == "image" and summary.conditional:
+        return dataclasses.replace(count, default=min(count.maximum, default_num_images(len(summary.class_names))))
+    return count
+
 
 PAPER_URL = "https://arxiv.org/abs/2501.08180"
 CODE_URL = "https://github.com/TaylorJocelyn/D2-DPM"
@@ -205,7 +216,7 @@ class Controls:
     guidance: float | None = CompareConfig.default_guidance(conditional=True)  # ignored for unconditional models
     class_choice: str | int | None = ALL_CLASSES
     seed: int = DEFAULT.seed
-    num_images: int = DEFAULT.num_images
+    num_images: int | None = None  # None: the model's sample_count default
     mean: bool = True  # the D² switches
     variance: bool = True
     modes: tuple[str, ...] = tuple(label for label, mode in MODES.items() if method_for_switches(True, True, mode) in DEFAULT.methods)
@@ -280,7 +291,8 @@ def plan_run(controls: Controls) -> Plan:
     if not summary.ok:
         raise ConfigError("model", summary.spec, summary.allowed)
     steps = check_int_range("steps", controls.steps, 1, MAX_UI_STEPS)
-    num_images = check_int_range("num_images", controls.num_images, 1, SAMPLE_COUNTS[summary.kind].maximum)
+    count = sample_count(summary)
+    num_images = check_int_range("num_images", count.default if controls.num_images is None else controls.num_images, 1, count.maximum)
     calib_samples = check_int_range("calib_samples", controls.calib_samples, 2, MAX_CALIB_SAMPLES)
     backbone = DEFAULT_BACKBONE if controls.backbone in (None, "") else controls.backbone
     if backbone not in BACKBONE_CHOICES:

@@ -81,7 +81,7 @@ def model_info(spec: str):
     summary = common.describe_model(spec)
     message = summary.message if summary.ok else f"⚠️ {summary.message}"
     choices = summary.class_choices() if summary.conditional else [common.ALL_CLASSES]
-    count = common.SAMPLE_COUNTS[summary.kind]
+    count = common.sample_count(summary)
     return (
         message,
         gr.Slider(visible=summary.conditional),
@@ -365,7 +365,8 @@ def build_demo() -> gr.Blocks:
                             class_choice = gr.Dropdown([common.ALL_CLASSES], value=defaults.class_choice, label="Class", visible=False)
                             with gr.Row():
                                 seed = gr.Number(defaults.seed, precision=0, minimum=0, label="Seed")
-                                num_images = gr.Slider(1, common.SAMPLE_COUNTS["image"].maximum, value=defaults.num_images, step=1,
+                                count = common.sample_count(common.describe_model(common.DEFAULT_MODEL))
+                                num_images = gr.Slider(1, count.maximum, value=count.default, step=1,
                                                        label="Images", elem_id="num-images")
                         with gr.Group():
                             gr.Markdown("**Corrections** (FP and the uncorrected quantized model are always shown)")

@@ -208,7 +208,7 @@ def compare_page() -> None:
                                                              key="class_choice"))
         col_seed, col_n = st.columns(2)
         seed = keep("seed", col_seed.number_input("Seed", 0, 2**31 - 1, kept("seed", defaults.seed), step=1, key="seed"))
-        count = common.SAMPLE_COUNTS[summary.kind if summary.ok else "image"]
+        count = common.sample_count(summary)
         count_key = "num_images" if count.label == "Images" else "num_points"
         num_images = keep(count_key, col_n.slider(count.label, 1, count.maximum, kept(count_key, count.default), key=count_key))
         st.subheader("Corrections")

@@ -1,8 +1,8 @@
 """Make the precomputed example the landing page of both apps shows before any click.
 
 Runs the apps' default comparison (the default model and preset, 20 steps, η = 0, guidance 3,
-seed 0, 8 images, every default correction row, the default PTQ backbone) through the core, and
-writes assets/example/: grid.png (the same grid a run shows), metrics.csv and story.json (the
+seed 0, one image per class, every default correction row, the default PTQ backbone) through the
+core, and writes assets/example/: grid.png (the same grid a run shows), metrics.csv and story.json (the
 numbers the interpretation is made of, the title and the full configuration). Re-run it whenever
 the shipped model or statistics change:
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=common.DEFAULT_MODEL, help="default: the apps' default model")
     parser.add_argument("--backbone", default=common.DEFAULT_BACKBONE, choices=common.BACKBONE_CHOICES)
     parser.add_argument("--steps", type=int, default=CompareConfig().steps)
-    parser.add_argument("--num-images", type=int, default=None, help="default: the apps' default (8 images, 1000 points)")
+    parser.add_argument("--num-images", type=int, default=None, help="default: the apps' default (one image per class, 1000 points)")
     parser.add_argument("--calib-samples", type=int, default=CompareConfig().calib_samples)
     parser.add_argument("--out", type=Path, default=None, help="default: assets/example (or $D2DPM_EXAMPLE_DIR)")
     args = parser.parse_args(argv)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = common.describe_model(args.model)
         if not summary.ok:
             raise ConfigError("model", args.model, summary.message)
-        count = args.num_images or common.SAMPLE_COUNTS[summary.kind].default
+        count = args.num_images or common.sample_count(summary).default
         w_bits, a_bits = common.PRESETS[common.DEFAULT_PRESET]
         # η, guidance, seed and methods: the defaults of a comparison
         config = CompareConfig(model=summary.spec, w_bits=w_bits, a_bits=a_bits, steps=args.steps, num_images=count,

@@ -5,6 +5,7 @@ import threading
 import torch
 
 from d2dpm.experiment import CompareConfig, CompareProgress, ComparisonResult, Workbench
+from d2dpm.models import load_model
 
 FAST = dict(steps=5, num_images=2, calib_samples=8, methods=("q", "d-d2"), backbone="rtn")
 
@@ -55,3 +56,14 @@ def test_iter_compare_streams_one_progress_per_step_then_the_result(conditional_
     assert all(isinstance(e, CompareProgress) and set(e.x0) == {"fp", "q", "d-d2"} for e in events[:-1])
     assert isinstance(events[-1], ComparisonResult)
     assert torch.equal(events[-2].x0["d-d2"], events[-1].records[-1]["d-d2"].x0)
+
+
+def test_the_default_count_draws_every_class_once(conditional_model_dir, pipeline_model_dir):
+    conditional = load_model(str(conditional_model_dir))
+    assert CompareConfig(model=str(conditional_model_dir)).validated(conditional).num_images == conditional.num_classes == 3
+    assert CompareConfig(model=str(conditional_model_dir), num_images=5).validated(conditional).num_images == 5
+    unconditional = load_model(str(pipeline_model_dir))
+    assert not unconditional.conditional
+    assert CompareConfig(model=str(pipeline_model_dir)).validated(unconditional).num_images == 8
+    images = Workbench().compare(CompareConfig(model=str(conditional_model_dir), **{**FAST, "num_images": None}))
+    assert images.samples["q"].shape[0] == 3 and images.config.num_images == 3

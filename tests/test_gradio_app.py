@@ -156,8 +156,9 @@ def test_bad_input_gives_a_clear_message_and_the_server_keeps_serving(client, se
     with pytest.raises(gradio_client.exceptions.AppError, match="Run a comparison first"):
         client.predict(1, api_name="/trajectory_step")
     assert server[1].poll() is None
-    message, _, _, _ = client.predict(str(conditional_model_dir), api_name="/model_info")
+    message, _, _, count = client.predict(str(conditional_model_dir), api_name="/model_info")
     assert "class-conditional (3 classes)" in message
+    assert count["value"] == 3  # one image per class by default
 
 
 def test_the_default_model_is_emoji_and_its_absence_is_explained(client):

@@ -98,8 +98,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--w-bits", type=integer("an integer from 2 to 8, or 16, 32"), default=DEFAULT.w_bits)
     parser.add_argument("--a-bits", type=integer("an integer from 4 to 8, or 16, 32"), default=DEFAULT.a_bits)
     parser.add_argument("--steps", type=integer(low=1), default=DEFAULT.steps)
-    parser.add_argument("--images", type=integer(low=1), default=DEFAULT.num_images,
-                        help=f"images of the timed comparison (default {DEFAULT.num_images})")
+    parser.add_argument("--images", type=integer(low=1), default=None,
+                        help="images of the timed comparison (default: a comparison's, one per class for a class-conditional model)")
     parser.add_argument("--threads", type=integer(low=1), default=None, help="pin torch's CPU threads (2 as on a free Space)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=integer(low=1), default=None, help="timed repeats (default 5, quick 2)")

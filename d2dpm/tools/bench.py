@@ -2,11 +2,11 @@
 
 Every time is the median of `--repeats` runs after `--warmup` unmeasured ones:
 
-- forward: one guided noise prediction (FP vs quantized network) on the batch a comparison of
-  8 images runs, and their ratio;
+- forward: one guided noise prediction (FP vs quantized network) on the batch a default
+  comparison runs (one image per class: 9 for emoji), and their ratio;
 - sampler_step: one DDIM step driven by the quantized network with no correction vs with each
   correction (the correction's overhead ratio), and the correction alone;
-- compare: one full `Workbench.compare` of fp, q, ptqd, s-d2, d-d2 (8 images, 20 steps);
+- compare: one full `Workbench.compare` of fp, q, ptqd, s-d2, d-d2 (the default images, 20 steps);
 - calibration: calibrating one configuration's quantizer and noise statistics;
 - app_cold_start: `python app.py` on a free 127.0.0.1 port, process start to first answered HTTP
   request (skipped, with a note, when app.py is absent);
@@ -257,6 +257,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     model = workbench.model(args.model)
     base = CompareConfig(model=args.model, w_bits=args.w_bits, a_bits=args.a_bits, steps=args.steps, eta=1.0,
                          methods=DEFAULT_METHODS, num_images=args.images, calib_samples=calib_samples).validated(model)
+    images = base.num_images
     report["model_load_s"] = time.perf_counter() - started
 
     # Calibration of every backbone (from an empty cache). The app calibrates rtn and bias-correction
@@ -276,18 +277,18 @@ def run_bench(args: argparse.Namespace) -> dict:
     workbench.add_statistics(results[-1].stats)
     stats, _ = workbench.statistics(model, stats_config)
 
-    # Forward: FP vs quantized, the batch of one comparison step (8 images per network; ×2 with guidance).
+    # Forward: FP vs quantized, the batch of one comparison step (the images per network; ×2 with guidance).
     fp = NoisePredictor(model.network, model.num_classes)
     q = NoisePredictor(workbench.quantized_network(model, stats), model.num_classes)
     schedule = DDIMSchedule(model.scheduler_config, base.steps, base.eta)
     coeff = schedule.steps[len(schedule) // 2]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((args.images, *model.sample_shape), generator=generator).to(device)
-    labels = (torch.arange(args.images) % model.num_classes).to(device) if model.conditional else None
+    x = torch.randn((images, *model.sample_shape), generator=generator).to(device)
+    labels = (torch.arange(images) % model.num_classes).to(device) if model.conditional else None
     _log("forward FP vs quantized")
     t_fp = timed(lambda: fp(x, coeff.t, labels, base.guidance), repeats * 2, warmup, device)
     t_q = timed(lambda: q(x, coeff.t, labels, base.guidance), repeats * 2, warmup, device)
-    report["forward"] = {"batch": args.images, "guidance": base.guidance, "fp_s": t_fp["median_s"], "q_s": t_q["median_s"],
+    report["forward"] = {"batch": images, "guidance": base.guidance, "fp_s": t_fp["median_s"], "q_s": t_q["median_s"],
                          "fp_cpu_s": t_fp["cpu_s"], "q_cpu_s": t_q["cpu_s"],
                          "ratio_q_over_fp": t_q["median_s"] / t_fp["median_s"],
                          "meets_target": t_q["median_s"] / t_fp["median_s"] <= TARGETS["forward_ratio_max"]}
@@ -339,12 +340,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     report["sampler_step"] = steps_report
 
     # One full comparison (statistics already in the workbench, as in a warm app).
-    _log(f"compare {','.join(DEFAULT_METHODS)}: {args.images} images, {base.steps} steps")
+    _log(f"compare {','.join(DEFAULT_METHODS)}: {images} images, {base.steps} steps")
     # η = 1 as calibrated above, so no second calibration; every branch of every correction runs.
     compare_config = CompareConfig(model=args.model, w_bits=base.w_bits, a_bits=base.a_bits, steps=base.steps, eta=base.eta,
-                                   methods=DEFAULT_METHODS, num_images=args.images, calib_samples=calib_samples)
+                                   methods=DEFAULT_METHODS, num_images=images, calib_samples=calib_samples)
     t_compare = timed(lambda: workbench.compare(compare_config), max(1, repeats // 2 + 1), warmup, device)
-    report["compare"] = {**t_compare, "methods": list(DEFAULT_METHODS), "images": args.images, "steps": base.steps, "eta": base.eta,
+    report["compare"] = {**t_compare, "methods": list(DEFAULT_METHODS), "images": images, "steps": base.steps, "eta": base.eta,
                          "meets_target": t_compare["median_s"] <= TARGETS["compare_seconds_max"]}
 
     # App cold start (its own process).
