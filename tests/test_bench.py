@@ -15,7 +15,7 @@ from d2dpm.tools import bench
 def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir, capsys, tmp_path):
     out = tmp_path / "bench.json"
     code = cli_main(["bench", "--model", str(conditional_model_dir), "--quick", "--skip-app", "--threads", "1", "--steps", "5",
-                     "--device", "cpu", "--out", str(out)])
+                     "--device", "cpu", "--against", str(conditional_model_dir), "--out", str(out)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
     assert json.loads(out.read_text()) == report
@@ -27,6 +27,8 @@ def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir,
     assert set(report["sampler_step"]["corrections"]) == set(bench.CORRECTIONS)
     for figures in report["sampler_step"]["corrections"].values():
         assert figures["overhead_ratio"] > 0 and figures["correction_only_s"] > 0
+    against = report["forward"]["against"]  # the same network against itself: equal sizes, a ratio near 1
+    assert against["parameters"] == against["model_parameters"] and 0.2 < against["ratio_model_over_against"] < 5
     # The default comparison draws one image per class (the tiny model has 3).
     assert report["compare"]["methods"] == list(DEFAULT_METHODS) and report["compare"]["images"] == report["forward"]["batch"] == 3
     assert set(report["calibration"]) == {"rtn", "bias-correction", "adaround"}
@@ -36,6 +38,13 @@ def test_bench_quick_prints_one_json_object_with_all_keys(conditional_model_dir,
     # The record says how to reproduce the figures: the subcommand once, no output paths.
     assert report["command"].startswith("d2dpm bench --model ") and "--quick" in report["command"]
     assert "--out" not in report["command"] and "bench bench" not in report["command"]
+
+
+def test_against_a_model_of_another_shape_is_refused_before_any_work(conditional_model_dir, pipeline_model_dir, capsys):
+    assert cli_main(["bench", "--model", str(conditional_model_dir), "--quick", "--skip-app", "--device", "cpu",
+                     "--against", str(pipeline_model_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "--against" in error and "same conditioning" in error and "Traceback" not in error and "calibrating" not in error
 
 
 def test_app_cold_start_times_the_first_http_answer(tmp_path):

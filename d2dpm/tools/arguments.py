@@ -100,6 +100,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=integer(low=1), default=DEFAULT.steps)
     parser.add_argument("--images", type=integer(low=1), default=None,
                         help="images of the timed comparison (default: a comparison's, one per class for a class-conditional model)")
+    parser.add_argument("--against", default=None, help="also time the FP forward of this model (the shipped network a new one "
+                        "replaces, say) in alternation with --model's, and report their ratio")
     parser.add_argument("--threads", type=integer(low=1), default=None, help="pin torch's CPU threads (2 as on a free Space)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=integer(low=1), default=None, help="timed repeats (default 5, quick 2)")

@@ -3,7 +3,8 @@
 Every time is the median of `--repeats` runs after `--warmup` unmeasured ones:
 
 - forward: one guided noise prediction (FP vs quantized network) on the batch a default
-  comparison runs (one image per class: 9 for emoji), and their ratio;
+  comparison runs (one image per class: 9 for emoji), and their ratio; with --against, the FP
+  forward of a second model (the network a new one replaces) timed in alternation, and the ratio;
 - sampler_step: one DDIM step driven by the quantized network with no correction vs with each
   correction (the correction's overhead ratio), and the correction alone;
 - compare: one full `Workbench.compare` of fp, q, ptqd, s-d2, d-d2 (the default images, 20 steps);
@@ -40,6 +41,7 @@ from typing import Callable
 import torch
 
 from ..config import BACKBONES, DEFAULT_BACKBONE, DEFAULT_CALIB_SAMPLES, DEFAULT_METHODS, CompareConfig
+from ..errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CORRECTIONS = ("ptqd", "s-d2", "d-d2", "mean-only", "var-only")
@@ -98,6 +100,23 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int, device: str = "cp
     # processes competing for the cores.
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "cpu_s": statistics.median(cpu_times), "repeats": repeats}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds of each call over `repeats` rounds that call every function once, in turn: drift in
+    the machine's load then hits every function alike, so their ratios hold on a noisy machine."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    rounds = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            rounds[name].append(time.perf_counter() - start)
+    return rounds
 
 
 def peak_rss_mb() -> float:
@@ -161,6 +180,29 @@ def app_cold_start(timeout: float = 120.0, python: str = sys.executable, app: Pa
     finally:
         stop_process(process)
         log.close()
+
+
+def against_model(workbench, model, spec: str):
+    """The model whose FP forward --against times beside `model`'s: same sample shape and conditioning
+    (checked before any calibration, so a mismatch costs nothing)."""
+    other = workbench.model(spec)
+    if other.sample_shape != model.sample_shape or other.conditional != model.conditional:
+        raise ConfigError("against", spec, f"a model with samples of shape {model.sample_shape} and the same conditioning")
+    return other
+
+
+def forward_against(model, other, x, labels, t: int, guidance: float, repeats: int, warmup: int, device: str) -> dict:
+    """The FP forward of `model` beside another model's (a retrained or resized network) on the
+    same guided batch, timed in alternation: the cost ratio a new embedded network adds."""
+    from ..models import NoisePredictor
+
+    networks = {"model": NoisePredictor(model.network, model.num_classes), "against": NoisePredictor(other.network, other.num_classes)}
+    _log(f"FP forward of {model.name} against {other.name}")
+    with torch.no_grad():
+        rounds = interleaved({name: (lambda p=p: p(x, t, labels, guidance)) for name, p in networks.items()}, repeats * 4, warmup, device)
+    model_s, against_s = statistics.median(rounds["model"]), statistics.median(rounds["against"])
+    return {"model": other.name, "fp_s": against_s, "parameters": sum(p.numel() for p in other.network.parameters()),
+            "model_parameters": sum(p.numel() for p in model.network.parameters()), "ratio_model_over_against": model_s / against_s}
 
 
 def _model_folder_ddpm_cifar10(folder: Path) -> Path:
@@ -258,6 +300,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     base = CompareConfig(model=args.model, w_bits=args.w_bits, a_bits=args.a_bits, steps=args.steps, eta=1.0,
                          methods=DEFAULT_METHODS, num_images=args.images, calib_samples=calib_samples).validated(model)
     images = base.num_images
+    other = against_model(workbench, model, args.against) if args.against else None
     report["model_load_s"] = time.perf_counter() - started
 
     # Calibration of every backbone (from an empty cache). The app calibrates rtn and bias-correction
@@ -292,6 +335,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                          "fp_cpu_s": t_fp["cpu_s"], "q_cpu_s": t_q["cpu_s"],
                          "ratio_q_over_fp": t_q["median_s"] / t_fp["median_s"],
                          "meets_target": t_q["median_s"] / t_fp["median_s"] <= TARGETS["forward_ratio_max"]}
+    if other is not None:
+        report["forward"]["against"] = forward_against(model, other, x, labels, coeff.t, base.guidance, repeats, warmup, device)
 
     # One sampler step: quantized forward + correction + DDIM update (η = 1, so every branch runs).
     _log("sampler step with each correction")
@@ -313,18 +358,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 correction(eps_hat, coeff, extra_noise=extra)
         return run
 
-    # Interleave the step timings so drift in machine load hits every correction alike.
-    rounds = {name: [] for name in corrections}
-    for _ in range(warmup):
-        for correction in corrections.values():
-            step_with(correction)()
-    for _ in range(repeats * 2):
-        for name, correction in corrections.items():
-            _sync(device)
-            start = time.perf_counter()
-            step_with(correction)()
-            _sync(device)
-            rounds[name].append(time.perf_counter() - start)
+    rounds = interleaved({name: step_with(correction) for name, correction in corrections.items()}, repeats * 2, warmup, device)
     step_none = statistics.median(rounds["none"])
     steps_report = {"q_step_s": step_none, "eta": base.eta, "t": coeff.t, "corrections": {}}
     for name in CORRECTIONS:
@@ -399,6 +433,10 @@ def markdown_summary(report: dict) -> str:
                      f"{figures['overhead_ratio']:.3f}× / {figures['overhead_ratio_isolated']:.4f}× ({ms(figures['correction_only_s'])})",
                      "≤ 1.05×", verdict(figures["meets_target"])))
     rows.insert(3, ("quantized / FP forward, process CPU time", f"{report['forward']['q_cpu_s'] / report['forward']['fp_cpu_s']:.2f}×", "", ""))
+    against = report["forward"].get("against")
+    if against:
+        rows.insert(4, (f"FP forward against {against['model']} ({against['model_parameters']:,} vs {against['parameters']:,} parameters)",
+                        f"{ms(against['fp_s'])}; ratio {against['ratio_model_over_against']:.2f}× (interleaved)", "", ""))
     compare = report["compare"]
     rows.append((f"compare {'+'.join(compare['methods'])}, {compare['images']} images, {compare['steps']} steps",
                  f"{ms(compare['median_s'])} (CPU time {ms(compare['cpu_s'])})", "< 5 s", verdict(compare["meets_target"])))
