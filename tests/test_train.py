@@ -8,7 +8,7 @@ import torch
 
 from d2dpm.cli import main as cli_main
 from d2dpm.errors import ConfigError
-from d2dpm.models import load_model
+from d2dpm.models import ASSETS_DIR, load_model
 from d2dpm.tools.arguments import TRAIN_DEFAULTS
 from d2dpm.tools.train import TrainingData, image_unet, learning_rate, main as train_main, steps_left
 
@@ -66,7 +66,8 @@ def test_default_settings_rebuild_the_shipped_architecture(dataset):
     for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
                 "norm_num_groups", "num_class_embeds"):
         assert _plain(built[key]) == _plain(shipped[key]), key
-    assert not TRAIN_DEFAULTS[dataset]["balance_classes"]
+    training = json.loads((ASSETS_DIR / "models" / dataset / "d2dpm_model.json").read_text())["training"]
+    assert TRAIN_DEFAULTS[dataset]["balance_classes"] == bool(training.get("balance_classes"))
 
 
 def _plain(value):

@@ -19,14 +19,13 @@ DEFAULT = CompareConfig()  # the defaults a comparison starts from
 DATASETS = ("emoji", "fashion", "toy2d")
 # Defaults per data set for the flags left out: small image nets tolerate a high learning rate;
 # the toy MLP sees fresh points every step and needs far fewer steps.
-# The defaults rebuild the shipped models' architecture (their exact commands are in
-# assets/models/*/d2dpm_model.json). The emoji candidate that draws every group needs wider coarse
-# levels and class balance (--channels 16,32,96,128 --balance-classes: 3.1 M parameters, 1.33-1.40×
-# the CPU time on 2 threads; 59 % of Emoji-32 is People & Body, 2 % Activities) and a longer GPU run
-# than this project has had: 4.9 k and 7.7 k steps on an H200 drew mostly unrecognisable shapes.
+# The defaults rebuild the shipped models' architecture and settings (their exact commands are in
+# assets/models/*/d2dpm_model.json). Emoji needs wide coarse levels and class balance to draw every
+# group (16,32,96,128: 3.1 M parameters, 1.37× the CPU time of 16,32,64,64 on 2 threads; 59 % of
+# Emoji-32 is People & Body, 2 % Activities) and ~19 k steps with an 8 k-step cool-down.
 TRAIN_DEFAULTS = {
-    "emoji": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000,
-              "channels": "16,32,64,64", "balance_classes": False},
+    "emoji": {"steps": 19000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 8000,
+              "channels": "16,32,96,128", "balance_classes": True},
     "fashion": {"steps": 20000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 5000,
                 "channels": "16,32,64,64", "balance_classes": False},
     "toy2d": {"steps": 8000, "batch_size": 256, "lr": 2e-3, "ema_decay": 0.998, "cooldown_steps": 3000},
@@ -37,18 +36,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (created)")
     parser.add_argument("--steps", type=integer(low=1), help="total optimizer steps, counting those of a resumed run "
-                        "(default: emoji/fashion 20000, toy2d 8000)")
+                        "(default: emoji 19000, fashion 20000, toy2d 8000)")
     parser.add_argument("--batch-size", type=integer(low=1), help="default: 1024 for images, 256 for toy2d")
     parser.add_argument("--lr", type=number("a number above 0", low=0, above_low=True), help="AdamW learning rate after a 500-step warm-up (default: 1e-3 for images, 2e-3 for toy2d)")
     parser.add_argument("--cooldown-steps", type=integer(low=0), help="anneal the learning rate to 0 (cosine) over the last N "
-                        "of --steps (default: 5000 for images, 3000 for toy2d)")
+                        "of --steps (default: emoji 8000, fashion 5000, toy2d 3000)")
     parser.add_argument("--seed", type=integer(low=0, high=2**63 - 1), default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--ema-decay", type=number("a number from 0 to 1", low=0, high=1), help="decay of the weight average that is saved "
                         "(default: 0.9995 for images, 0.998 for toy2d)")
-    parser.add_argument("--channels", help="image UNet: output channels of its 4 levels, 32×32 to 4×4 (default 16,32,64,64)")
+    parser.add_argument("--channels", help="image UNet: output channels of its 4 levels, 32×32 to 4×4 (default: emoji 16,32,96,128, fashion 16,32,64,64)")
     parser.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
-                        help="draw every class equally often rather than every image (default: off)")
+                        help="draw every class equally often rather than every image (default: on for emoji, off for fashion)")
     parser.add_argument("--label-dropout", type=number("a number from 0 to 1", low=0, high=1), default=0.1,
                         help="probability of training on the null class, for classifier-free guidance")
     parser.add_argument("--resume", type=Path, help="a model folder written by this command: continue from its checkpoint")
