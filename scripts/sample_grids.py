@@ -4,6 +4,8 @@
     python scripts/sample_grids.py --model fashion --out docs/img/fashion_samples.png
 
 Full-precision network, 20 DDIM steps, η = 0; the same initial noise at both guidance scales.
+For the embedded models it also prints, per class and guidance, how many of the drawn samples the
+shipped classifier (assets/eval/) assigns to the class they were drawn for.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from d2dpm.config import CompareConfig
 from d2dpm.figures import BACKGROUND, labelled_image_rows
 from d2dpm.models import NoisePredictor, load_model
 from d2dpm.schedule import DDIMSchedule
+from d2dpm.tools.distances import CLASSIFIER_FILES, ClassAccuracy
 
 
 @torch.inference_mode()
@@ -45,9 +48,15 @@ def main() -> None:
     model = load_model(args.model)
     if not model.conditional:
         parser.error(f"--model {args.model} is not class-conditional")
-    panels = [labelled_image_rows(class_rows(model, float(g), args.per_class, args.steps, args.seed),
-                                  title=f"{args.model}, FP, {args.steps} DDIM steps, guidance {float(g):g}")
-              for g in args.guidance.split(",")]
+    classifier = ClassAccuracy(args.model) if args.model in CLASSIFIER_FILES else None
+    panels = []
+    for guidance in (float(g) for g in args.guidance.split(",")):
+        rows = class_rows(model, guidance, args.per_class, args.steps, args.seed)
+        panels.append(labelled_image_rows(rows, title=f"{args.model}, FP, {args.steps} DDIM steps, guidance {guidance:g}"))
+        if classifier:
+            hits = [round(classifier(images, torch.full((len(images),), c)) * len(images)) for c, images in enumerate(rows.values())]
+            print(f"guidance {guidance:g}: classified as their class {sum(hits)}/{args.per_class * len(rows)}; "
+                  + ", ".join(f"{name} {hit}/{args.per_class}" for name, hit in zip(rows, hits)))
     sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), BACKGROUND)
     for i, panel in enumerate(panels):
         sheet.paste(panel, (sum(p.width for p in panels[:i]), 0))
