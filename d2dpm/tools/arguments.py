@@ -21,7 +21,7 @@ DATASETS = ("emoji", "fashion", "toy2d")
 # the toy MLP sees fresh points every step and needs far fewer steps.
 # The defaults rebuild the shipped models' architecture and settings (their exact commands are in
 # assets/models/*/d2dpm_model.json). Emoji needs wide coarse levels and class balance to draw every
-# group (16,32,96,128: 3.1 M parameters, 1.37× the CPU time of 16,32,64,64 on 2 threads; 59 % of
+# group (16,32,96,128: 3.1 M parameters, 1.38× the CPU time of 16,32,64,64 on 2 threads; 59 % of
 # Emoji-32 is People & Body, 2 % Activities) and ~19 k steps with an 8 k-step cool-down.
 TRAIN_DEFAULTS = {
     "emoji": {"steps": 19000, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.9995, "cooldown_steps": 8000,
