@@ -67,6 +67,32 @@ def test_same_arguments_give_the_same_table(conditional_model_dir, reference_npz
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_a_grid_run_in_pieces_merges_into_the_table_of_one_run(conditional_model_dir, reference_npz, tmp_path):
+    args = ["--model", str(conditional_model_dir), "--reference", str(reference_npz), *FAST[:-2], "--bits", "W8A8",
+            "--eta", "0", "--methods", "q,d-d2", "--seeds", "0,1", "--distances", "swd", "--diagnostics", "--diagnostic-samples", "4"]
+    assert main([*args, "--backbones", "rtn,bias-correction", "--out", str(tmp_path / "whole")]) == 0
+    for backbone in ("rtn", "bias-correction"):
+        assert main([*args, "--backbones", backbone, "--out", str(tmp_path / backbone)]) == 0
+    assert main(["--merge", str(tmp_path / "rtn"), str(tmp_path / "bias-correction"), "--out", str(tmp_path / "merged")]) == 0
+    for name in ("per_seed.csv", "results.csv", "diagnostics.csv"):
+        whole, merged = (pd.read_csv(tmp_path / folder / name) for folder in ("whole", "merged"))
+        pd.testing.assert_frame_equal(merged, whole)  # FP kept once, each backbone's rows as the one run made them
+    markdown = (tmp_path / "merged" / "results.md").read_text()
+    assert "2 runs merged" in markdown and markdown.count("--backbones rtn ") == 1 and markdown.count("| W32A32 | — | FP |") == 1
+
+
+def test_merge_refuses_pieces_that_cannot_stand_side_by_side(conditional_model_dir, reference_npz, tmp_path, capsys):
+    args = ["--model", str(conditional_model_dir), "--reference", str(reference_npz), *FAST, "--bits", "W8A8",
+            "--eta", "0", "--methods", "q", "--seeds", "0", "--distances", "swd"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--steps", "4", "--out", str(tmp_path / "b")]) == 0
+    assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 2
+    assert "steps [3, 4]" in capsys.readouterr().err
+    assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 2
+    assert "lacks per_seed.csv, run.json" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_toy_model_gets_exact_distances(tmp_path):
     from diffusers import DDIMScheduler
 

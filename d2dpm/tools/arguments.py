@@ -88,6 +88,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=integer(low=1), default=None, help="CPU threads for torch")
     parser.add_argument("--out", required=True, help="output folder for results.csv, per_seed.csv, results.md")
+    parser.add_argument("--merge", nargs="+", metavar="FOLDER", default=None,
+                        help="instead of sampling, combine earlier evaluate folders (a grid run in pieces, one backbone "
+                        "per process, say) into one table in --out; the other flags are not used")
 
 
 # -- d2dpm bench

@@ -15,6 +15,8 @@ model itself on fresh FP trajectories (is Δ Gaussian per step, how large is ρ,
 conditional variance D-D² can absorb, does mean correction leave a variance deficit or excess).
 
 Writes results.csv (aggregated), per_seed.csv, results.md, and diagnostics.csv / run.json.
+`--merge` joins the folders of a grid run in pieces (one process per backbone, side by side on a
+GPU machine) into those same files, as one run would have written them.
 """
 
 from __future__ import annotations
@@ -533,6 +535,9 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    if args.merge:
+        return merge_runs([Path(part) for part in args.merge], Path(args.out))
+
     from ..experiment import Workbench
 
     if args.threads:
@@ -568,29 +573,70 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                                  cfg.diagnostic_samples, backbone=backbone))
         pd.DataFrame(rows).to_csv(out / "per_seed.csv", index=False)  # partial results survive an interruption
     bar.close()
-    per_seed = pd.DataFrame(rows)
+    command = shlex.join(["d2dpm", *args.argv]) if getattr(args, "argv", None) else ""  # empty when called from Python
+    header = (f"{cfg.steps} DDIM steps; seeds {','.join(map(str, cfg.seeds))}; {cfg.num_samples} samples per cell and seed; "
+              f"device {workbench.device}, {torch.get_num_threads()} threads; {time.time() - started:.0f} s")
+    run_info = {"config": dataclasses.asdict(cfg), "device": workbench.device, "seconds": round(time.time() - started, 1),
+                "torch": torch.__version__, "notes": notes, "command": command, "threads": torch.get_num_threads()}
+    write_results(out, pd.DataFrame(rows), pd.concat(diagnostics, ignore_index=True) if diagnostics else None,
+                  header, [command] if command else [], notes, run_info)
+    return 0
+
+
+def write_results(out: Path, per_seed: pd.DataFrame, diagnostics: pd.DataFrame | None, header: str, commands: list[str],
+                  notes: dict[str, list[str]], run_info: dict) -> None:
+    """results.csv, per_seed.csv, results.md, diagnostics*.csv and run.json of one grid, in `out`."""
+    per_seed.to_csv(out / "per_seed.csv", index=False)
     table = aggregate(per_seed)
     table.to_csv(out / "results.csv", index=False)
-    command = shlex.join(["d2dpm", *args.argv]) if getattr(args, "argv", None) else ""  # empty when called from Python
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    header = (f"# d2dpm evaluate\n\n{cfg.steps} DDIM steps; seeds {','.join(map(str, cfg.seeds))}; {cfg.num_samples} samples per cell and seed; "
-              f"device {workbench.device}, {torch.get_num_threads()} threads; {time.time() - started:.0f} s; {date}.\n"
-              + (f"\n    {command}\n" if command else ""))
-    markdown = results_markdown(table, header)
+    markdown = results_markdown(table, f"# d2dpm evaluate\n\n{header}; {date}.\n" + "".join(f"\n    {c}\n" for c in commands))
     for model_spec, model_notes in notes.items():
         for note in model_notes:
             markdown += f"\n- {model_spec}: {note}"
-    if diagnostics:
-        diag = pd.concat(diagnostics, ignore_index=True)
-        diag.to_csv(out / "diagnostics.csv", index=False)
-        summary = summarise_diagnostics(diag)
+    if diagnostics is not None:
+        diagnostics.to_csv(out / "diagnostics.csv", index=False)
+        summary = summarise_diagnostics(diagnostics)
         summary.to_csv(out / "diagnostics_summary.csv", index=False)
         markdown += "\n\n### Noise-model diagnostics (means over steps; fresh FP trajectories)\n\n" + markdown_table(summary, list(summary.columns))
     (out / "results.md").write_text(markdown + "\n")
-    run_info = {"config": dataclasses.asdict(cfg), "device": workbench.device, "seconds": round(time.time() - started, 1),
-                "torch": torch.__version__, "notes": notes, "date": date, "command": command,
-                "threads": torch.get_num_threads()}
-    (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+    (out / "run.json").write_text(json.dumps({**run_info, "date": date}, indent=2, default=str))
     print(markdown)
-    print(f"wrote results.csv, per_seed.csv, results.md{', diagnostics.csv' if diagnostics else ''}, run.json to {out}")
+    print(f"wrote results.csv, per_seed.csv, results.md{', diagnostics.csv' if diagnostics is not None else ''}, run.json to {out}")
+
+
+def merge_runs(parts: list[Path], out: Path) -> int:
+    """One table from a grid run in pieces, one `evaluate` per backbone side by side, say.
+
+    The pieces must share steps and samples per seed, or their rows could not stand side by side.
+    FP rows repeat identically in every piece (same seeds, same noise, no backbone): kept once.
+    """
+    runs, frames, diagnostics = [], [], []
+    for part in parts:
+        missing = [name for name in ("per_seed.csv", "run.json") if not (part / name).is_file()]
+        if missing:
+            raise ConfigError("merge", str(part), f"folders written by `d2dpm evaluate` (this one lacks {', '.join(missing)})")
+        runs.append(json.loads((part / "run.json").read_text()))
+        frames.append(pd.read_csv(part / "per_seed.csv"))
+        if (part / "diagnostics.csv").is_file():
+            diagnostics.append(pd.read_csv(part / "diagnostics.csv"))
+    for setting in ("steps", "num_samples"):
+        values = {run["config"][setting] for run in runs}
+        if len(values) > 1:
+            raise ConfigError("merge", f"{setting} {sorted(values)}", f"pieces of one grid, all with the same {setting}")
+    per_seed = pd.concat(frames, ignore_index=True)
+    per_seed = per_seed.drop_duplicates(subset=["model", "backbone", "bits", "eta", "guidance", "steps", "method", "seed"])
+    first = runs[0]["config"]
+    seeds = sorted(int(s) for s in per_seed["seed"].unique())
+    notes: dict[str, list[str]] = {}
+    for run in runs:
+        for model_spec, model_notes in run.get("notes", {}).items():
+            notes.setdefault(model_spec, [])
+            notes[model_spec] += [note for note in model_notes if note not in notes[model_spec]]
+    devices = sorted({f"{run['device']}, {run['threads']} threads" for run in runs})
+    header = (f"{first['steps']} DDIM steps; seeds {','.join(map(str, seeds))}; {first['num_samples']} samples per cell and seed; "
+              f"{len(runs)} runs merged ({' / '.join(devices)}; the longest {max(run['seconds'] for run in runs):.0f} s)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, per_seed, pd.concat(diagnostics, ignore_index=True) if diagnostics else None, header,
+                  [run["command"] for run in runs if run.get("command")], notes, {"merged_from": runs})
     return 0
