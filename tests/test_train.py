@@ -49,6 +49,47 @@ def test_train_two_steps_on_emoji_records_width_and_balance(tmp_path):
     assert "--channels 8,16,32,32 --balance-classes" in training["command"]
 
 
+TINY_EMOJI = ["--dataset", "emoji", "--batch-size", "8", "--channels", "8,16,32,32", "--device", "cpu"]
+
+
+def _weights(folder):
+    return load_model(str(folder)).network.state_dict()
+
+
+def test_resume_continues_the_step_count_and_records_the_earlier_command(tmp_path):
+    first = train_main([*TINY_EMOJI, "--out", str(tmp_path / "a"), "--steps", "2"])
+    second = train_main([*TINY_EMOJI, "--out", str(tmp_path / "b"), "--steps", "3", "--resume", str(first)])
+    training = json.loads((second / "d2dpm_model.json").read_text())["training"]
+    assert training["steps"] == 3 and "--resume" in training["command"]
+    assert training["earlier_commands"] == [json.loads((first / "d2dpm_model.json").read_text())["training"]["command"]]
+
+
+def test_init_from_starts_a_new_run_from_a_models_weights(tmp_path):
+    first = train_main([*TINY_EMOJI, "--out", str(tmp_path / "a"), "--steps", "2"])
+    # Another seed draws other initial weights, and a learning rate of 1e-12 barely moves them: started
+    # from `first`, the new model must still be `first`; started from scratch, it is not.
+    tiny_step = ["--steps", "1", "--lr", "1e-12", "--seed", "1"]
+    again = train_main([*TINY_EMOJI, "--out", str(tmp_path / "b"), *tiny_step, "--init-from", str(first)])
+    fresh = train_main([*TINY_EMOJI, "--out", str(tmp_path / "c"), *tiny_step])
+    start, continued, scratch = _weights(first), _weights(again), _weights(fresh)
+    assert all(torch.allclose(continued[name], start[name], atol=1e-6) for name in start)
+    assert not all(torch.allclose(scratch[name], start[name], atol=1e-3) for name in start)
+    training = json.loads((again / "d2dpm_model.json").read_text())["training"]
+    assert training["steps"] == 1 and f"--init-from {first}" in training["command"]
+    assert training["initialised_from"]["steps"] == 2 and "--steps 2" in training["initialised_from"]["command"]
+
+
+def test_init_from_refuses_another_architecture_or_a_resume(tmp_path, capsys):
+    first = train_main([*TINY_EMOJI, "--out", str(tmp_path / "a"), "--steps", "1"])
+    with pytest.raises(ConfigError, match="same architecture"):
+        train_main([*TINY_EMOJI, "--out", str(tmp_path / "b"), "--steps", "1", "--channels", "16,32,32,32", "--init-from", str(first)])
+    with pytest.raises(ConfigError, match="not together with --resume"):
+        train_main([*TINY_EMOJI, "--out", str(tmp_path / "b"), "--steps", "2", "--init-from", str(first), "--resume", str(first)])
+    assert cli_main(["train", *TINY_EMOJI, "--out", str(tmp_path / "b"), "--steps", "1", "--init-from", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err
+    assert "--init-from: got" in error and "Traceback" not in error
+
+
 def test_bad_channels_are_refused_with_the_rule(tmp_path, capsys):
     with pytest.raises(ConfigError, match="the last two multiples of 32"):
         train_main(["--dataset", "emoji", "--out", str(tmp_path / "e"), "--steps", "1", "--channels", "16,32,96"])

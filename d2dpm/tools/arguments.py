@@ -53,6 +53,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-dropout", type=number("a number from 0 to 1", low=0, high=1), default=0.1,
                         help="probability of training on the null class, for classifier-free guidance")
     parser.add_argument("--resume", type=Path, help="a model folder written by this command: continue from its checkpoint")
+    parser.add_argument("--init-from", type=Path, help="a model folder (a shipped one in assets/models/, say): start a new run "
+                        "from its weights with a fresh optimizer, to see whether one more training cycle still improves it")
     parser.add_argument("--max-minutes", type=number("a number of minutes above 0", low=0, above_low=True), help="stop and save after this much training time "
                         "(for machines that limit a command's run time); --resume continues. The cool-down "
                         "then ends at the time limit if that comes before --steps")

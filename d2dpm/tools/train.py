@@ -4,7 +4,8 @@
 
 The folder holds d2dpm_model.json, the EMA weights (unet/ or network/, safetensors), the DDIM
 scheduler config, training_log.csv, and checkpoint/training_state.pt (raw weights, optimizer,
-step) so that `--resume` can continue a run that a time limit cut short.
+step) so that `--resume` can continue a run that a time limit cut short. `--init-from` starts a
+new run from a model's weights instead: one more training cycle, to see whether it had converged.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--channels", args.channels, "--balance-classes" if args.balance_classes else "--no-balance-classes"]
     if args.resume:
         parts += ["--resume", str(args.resume)]
+    if args.init_from:
+        parts += ["--init-from", str(args.init_from)]
     if args.max_minutes:
         parts += ["--max-minutes", str(args.max_minutes)]
     if not args.cuda_graph:
@@ -340,6 +343,24 @@ def _save(out: Path, data: TrainingData, network, ema: WeightAverage, optimizer,
     (out / (str(CHECKPOINT_FILE) + ".tmp")).replace(out / CHECKPOINT_FILE)
 
 
+def _start_from_weights(folder: Path, subfolder: str, data: TrainingData, network: torch.nn.Module, ema: WeightAverage) -> dict:
+    """--init-from: a new run (step 0, fresh optimizer, learning-rate warm-up) whose raw and averaged
+    weights both start as `folder`'s saved (averaged) weights: one more training cycle for a model,
+    to see whether it had converged. Returns what the new model records about where it started."""
+    allowed = f"a model folder of {data.name} with the same architecture (its {subfolder}/ weights must fit this network)"
+    try:
+        weights = type(network).from_pretrained(folder / subfolder, low_cpu_mem_usage=False).state_dict()
+        network.load_state_dict(weights)
+    except (OSError, RuntimeError, ValueError):  # no such folder / not a model / other shapes
+        raise ConfigError("init-from", str(folder), allowed) from None
+    ema.module.load_state_dict(weights)
+    try:
+        earlier = json.loads((folder / "d2dpm_model.json").read_text())["training"]
+    except (OSError, ValueError, KeyError):
+        earlier = {}
+    return {"folder": str(folder), "command": earlier.get("command"), "steps": earlier.get("steps")}
+
+
 def run_train(args: argparse.Namespace) -> Path:
     """Train as `args` say and write the model folder; returns its path."""
     _fill_defaults(args)
@@ -347,6 +368,9 @@ def run_train(args: argparse.Namespace) -> Path:
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
     torch.manual_seed(args.seed)
     channels = block_channels(args)  # refuse a bad --channels before loading any data
+    if args.resume and args.init_from:
+        raise ConfigError("init-from", str(args.init_from), "not together with --resume (which continues a run; "
+                          "--init-from starts a new one from a model's weights)")
     data = load_training_data(args.dataset, device, bool(args.balance_classes))
     network = build_network(data, channels).to(device).train()
     # Channels-last (NHWC) is the layout of cuDNN's tensor-core convolutions; not A/B-timed here.
@@ -378,9 +402,10 @@ def run_train(args: argparse.Namespace) -> Path:
         with open(args.resume / LOG_FILE, newline="") as file:
             log_rows = list(csv.DictReader(file))
     ema = WeightAverage(network, args.ema_decay, updates=step)
+    subfolder = "unet" if data.kind == "image" else "network"
     if args.resume:
-        subfolder = "unet" if data.kind == "image" else "network"
         ema.module.load_state_dict(type(network).from_pretrained(args.resume / subfolder, low_cpu_mem_usage=False).state_dict())
+    initialised_from = _start_from_weights(args.init_from, subfolder, data, network, ema) if args.init_from else None
 
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.log, "a") if args.log else None
@@ -420,6 +445,8 @@ def run_train(args: argparse.Namespace) -> Path:
         }
         if earlier_commands:
             record["earlier_commands"] = earlier_commands
+        if initialised_from:
+            record["initialised_from"] = initialised_from
         return record
 
     first_step = step
