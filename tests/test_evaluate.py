@@ -87,10 +87,17 @@ def test_merge_refuses_pieces_that_cannot_stand_side_by_side(conditional_model_d
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--steps", "4", "--out", str(tmp_path / "b")]) == 0
     assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 2
-    assert "steps [3, 4]" in capsys.readouterr().err
+    assert "3 steps × 4 samples, 4 steps × 4 samples" in capsys.readouterr().err
     assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 2
     assert "lacks per_seed.csv, run.json" in capsys.readouterr().err
+    (tmp_path / "b" / "run.json").write_text('{"not": "a run"}')
+    assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 2
+    assert "does not read as one" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+    # A merged folder can be merged again: it brings the runs it was made of.
+    assert main(["--merge", str(tmp_path / "a"), "--out", str(tmp_path / "m1")]) == 0
+    assert main(["--merge", str(tmp_path / "m1"), "--out", str(tmp_path / "m2")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "m2" / "results.csv"), pd.read_csv(tmp_path / "a" / "results.csv"))
 
 
 def test_toy_model_gets_exact_distances(tmp_path):

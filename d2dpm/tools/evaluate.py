@@ -39,6 +39,7 @@ from ..config import BACKBONES, DEFAULT_BACKBONE, DEFAULT_CALIB_SAMPLES, MAX_IMA
 from ..errors import ConfigError
 from .arguments import DEFAULT, DISTANCE_NAMES
 
+ROW_KEYS = ("model", "backbone", "bits", "eta", "guidance", "steps", "method", "seed")  # one row of per_seed.csv
 METRIC_COLUMNS = ("mse_to_fp", "psnr_to_fp", "class_accuracy", "swd", "fd_fashioncnn", "fd_effnetlite0", "fid_inception", "energy", "nll")
 LOWER_IS_BETTER = {"mse_to_fp": True, "psnr_to_fp": False, "class_accuracy": False, "swd": True, "fd_fashioncnn": True,
                    "fd_effnetlite0": True, "fid_inception": True, "energy": True, "nll": True}
@@ -611,21 +612,30 @@ def merge_runs(parts: list[Path], out: Path) -> int:
     The pieces must share steps and samples per seed, or their rows could not stand side by side.
     FP rows repeat identically in every piece (same seeds, same noise, no backbone): kept once.
     """
-    runs, frames, diagnostics = [], [], []
+    runs, frames, diagnostics, grids = [], [], [], set()
     for part in parts:
         missing = [name for name in ("per_seed.csv", "run.json") if not (part / name).is_file()]
         if missing:
             raise ConfigError("merge", str(part), f"folders written by `d2dpm evaluate` (this one lacks {', '.join(missing)})")
-        runs.append(json.loads((part / "run.json").read_text()))
-        frames.append(pd.read_csv(part / "per_seed.csv"))
+        try:
+            info = json.loads((part / "run.json").read_text())
+            pieces = info.get("merged_from", [info])  # a merged folder brings the runs it was made of
+            grids |= {(run["config"]["steps"], run["config"]["num_samples"]) for run in pieces}
+            frame = pd.read_csv(part / "per_seed.csv")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pieces, frame = None, None
+        if frame is None or not set(ROW_KEYS) <= set(frame.columns):
+            raise ConfigError("merge", str(part), "folders written by `d2dpm evaluate` (this one's run.json or per_seed.csv "
+                              "does not read as one)")
+        runs += pieces
+        frames.append(frame)
         if (part / "diagnostics.csv").is_file():
             diagnostics.append(pd.read_csv(part / "diagnostics.csv"))
-    for setting in ("steps", "num_samples"):
-        values = {run["config"][setting] for run in runs}
-        if len(values) > 1:
-            raise ConfigError("merge", f"{setting} {sorted(values)}", f"pieces of one grid, all with the same {setting}")
+    if len(grids) > 1:
+        raise ConfigError("merge", ", ".join(f"{steps} steps × {samples} samples" for steps, samples in sorted(grids)),
+                          "pieces of one grid, all with the same steps and samples per seed")
     per_seed = pd.concat(frames, ignore_index=True)
-    per_seed = per_seed.drop_duplicates(subset=["model", "backbone", "bits", "eta", "guidance", "steps", "method", "seed"])
+    per_seed = per_seed.drop_duplicates(subset=list(ROW_KEYS))
     first = runs[0]["config"]
     seeds = sorted(int(s) for s in per_seed["seed"].unique())
     notes: dict[str, list[str]] = {}
@@ -633,9 +643,9 @@ def merge_runs(parts: list[Path], out: Path) -> int:
         for model_spec, model_notes in run.get("notes", {}).items():
             notes.setdefault(model_spec, [])
             notes[model_spec] += [note for note in model_notes if note not in notes[model_spec]]
-    devices = sorted({f"{run['device']}, {run['threads']} threads" for run in runs})
+    devices = sorted({f"{run.get('device')}, {run.get('threads')} threads" for run in runs})
     header = (f"{first['steps']} DDIM steps; seeds {','.join(map(str, seeds))}; {first['num_samples']} samples per cell and seed; "
-              f"{len(runs)} runs merged ({' / '.join(devices)}; the longest {max(run['seconds'] for run in runs):.0f} s)")
+              f"{len(runs)} runs merged ({' / '.join(devices)}; the longest {max(run.get('seconds', 0) for run in runs):.0f} s)")
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, per_seed, pd.concat(diagnostics, ignore_index=True) if diagnostics else None, header,
                   [run["command"] for run in runs if run.get("command")], notes, {"merged_from": runs})
