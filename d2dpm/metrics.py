@@ -44,10 +44,14 @@ def trajectory_table(records: list[dict[str, StepRecord]], reference: str = "fp"
 
 
 def per_image_errors(samples: torch.Tensor, reference: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """MSE per sample, and PSNR per image (images mapped from [-1, 1] to [0, 1], peak 1).
+    """MSE per sample, and PSNR per image, of the images as shown: mapped from [-1, 1] to [0, 1] and
+    clipped there (peak 1), as every view and saved PNG shows them, so a pixel that left the data
+    range counts as far as it is seen to be off, not as far as its raw value went.
 
     For point clouds the MSE is in data units and the PSNR is NaN.
     """
+    if kind == "image":
+        samples, reference = samples.clamp(-1, 1), reference.clamp(-1, 1)
     diff = (samples.double() - reference.double()).flatten(1)
     if kind == "image":
         mse = (diff / 2).pow(2).mean(1)  # [-1, 1] → [0, 1] halves every difference

@@ -11,6 +11,7 @@ import torch
 from app_helpers import small_config
 
 from d2dpm import figures, teaching
+from d2dpm.metrics import per_image_errors
 from d2dpm.methods import METHODS
 from d2dpm.errors import ConfigError
 from d2dpm.experiment import Workbench
@@ -46,6 +47,18 @@ def test_difference_maps_are_white_where_images_agree():
     assert maps.shape == (2, 4, 4, 3)
     assert (maps[1] == 255).all()
     assert (maps[0, 0, 0] != 255).any() and (maps[0, 1:, :] == 255).all()
+
+
+def test_psnr_is_measured_on_the_images_as_shown():
+    """A pixel that drifted to 67 is shown white (1): it counts as off by 1 − reference, not by 67."""
+    reference = torch.zeros(2, 3, 4, 4)
+    drifted = reference.clone()
+    drifted[0, 0, 0, 0] = 67.0
+    drifted[1, 0, 0, 0] = 1.0
+    mse, psnr = per_image_errors(drifted, reference, "image")
+    assert torch.equal(mse[0], mse[1])
+    assert float(mse[0]) == pytest.approx(0.5**2 / 48)  # [-1, 1] → [0, 1]: one value of 48 off by ½
+    assert float(psnr[0]) == pytest.approx(10 * np.log10(48 / 0.25))
 
 
 def test_grid_with_differences_adds_one_heat_map_row_per_method():
