@@ -30,6 +30,7 @@ NOT_QUANTIZED_BITS = (16, 32)  # "16 or 32 bits" means the tensor stays in float
 WEIGHT_BITS = (2, 8)
 ACTIVATION_BITS = (4, 8)
 EDGE_LAYER_BITS = 8  # first and last layer stay at 8 bits (Q-Diffusion, PTQD, D²-DPM)
+FLOAT_BITS = NOT_QUANTIZED_BITS[-1]
 RANGE_METHODS = ("mse", "minmax")
 # How the quantized network is made (docs/quantization.md): round to nearest; that plus per-layer
 # bias correction; learned rounding (AdaRound) with split concat inputs, plus bias correction.
@@ -59,15 +60,19 @@ class QuantConfig:
     def label(self) -> str:
         return f"W{self.w_bits}A{self.a_bits}"
 
-    def layer_bits(self, is_edge: bool) -> tuple[int, int]:
-        """(weight bits, activation bits) of a layer: edge layers are raised to 8 bits, never lowered."""
+    def layer_bits(self, is_edge: bool, takes_network_input: bool = False) -> tuple[int, int]:
+        """(weight bits, activation bits) of a layer. With `keep_edge_layers_8bit`, edge layers are
+        raised to 8 bits (never lowered), and the layer fed the network's own input keeps that input in
+        floating point: x_t is the sampler's state, not an activation (BRECQ-style backbones quantize
+        what layers output, so the image enters unquantized), and a grid on it would clip a pixel that
+        drifts past its range, so that ε̂ could never pull it back (docs/quantization.md)."""
         if not (is_edge and self.keep_edge_layers_8bit):
             return self.w_bits, self.a_bits
 
         def raise_to_edge(bits: int) -> int:
             return bits if bits in NOT_QUANTIZED_BITS else max(bits, EDGE_LAYER_BITS)
 
-        return raise_to_edge(self.w_bits), raise_to_edge(self.a_bits)
+        return raise_to_edge(self.w_bits), FLOAT_BITS if takes_network_input else raise_to_edge(self.a_bits)
 
 
 # -- the sampler and the noise model
@@ -94,7 +99,8 @@ CALIB_SAMPLES_RANGE = (2, 4096)
 MAX_CALIB_SEED = 2**32 - 1  # calibration derives per-batch seeds as seed · 1 000 003 + batch: stay within 64 bits
 # 2: the quantizer (backbone, weight grids, AdaRound rounding, bias corrections) is saved in full, and
 # calibration draws its trajectories through the sampler's noise (another order of random draws).
-STATS_FORMAT_VERSION = 2
+# 3: the network's own input stays in floating point (`QuantConfig.layer_bits`).
+STATS_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)

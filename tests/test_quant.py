@@ -99,10 +99,24 @@ def test_quantize_leaves_the_fp_network_untouched_and_both_run_concurrently():
 def test_first_and_last_layers_stay_at_8_bits():
     unet = tiny_unet()
     _, observer = calibrated_quantized(unet, QuantConfig(4, 6), unet_inputs(1))
-    bits = observer.round_to_nearest(QuantConfig(4, 6)).bits
-    assert bits["conv_in"] == (8, 8) and bits["conv_out"] == (8, 8)
+    quantizer = observer.round_to_nearest(QuantConfig(4, 6))
+    bits = quantizer.bits
+    assert bits["conv_in"] == (8, 32) and bits["conv_out"] == (8, 8)  # the network's own input x_t stays in float
+    assert quantizer.layers["conv_in"].input_grid == [] and quantizer.layers["conv_out"].input_grid
     assert bits["time_embedding.linear_1"] == (4, 6)
     assert observer.round_to_nearest(QuantConfig(4, 6, keep_edge_layers_8bit=False)).bits["conv_in"] == (4, 6)
+
+
+def test_a_pixel_far_outside_the_calibrated_range_reaches_the_first_layer_unclipped():
+    """A drifting x_t pixel must reach conv_in as it is, or ε̂ could never pull it back."""
+    unet = tiny_unet()
+    quantized, _ = calibrated_quantized(unet, QuantConfig(8, 8), unet_inputs(1))
+    x = torch.randn(1, 3, 8, 8)
+    x[0, 0, 3, 3] = 60.0  # calibration saw |x| of a few units at most
+    layer = quantized.conv_in
+    with torch.no_grad():
+        expected = layer.inner._conv_forward(x, layer.weight, layer.bias)
+        assert torch.equal(layer(x), expected)
 
 
 def test_conditional_unet_and_plain_modules_quantize():

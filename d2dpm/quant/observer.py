@@ -111,14 +111,15 @@ class ActivationObserver:
 
     def round_to_nearest(self, config: QuantConfig, backbone: str | None = None) -> Quantizer:
         """The round-to-nearest quantizer of every layer under `config`: bit-widths (edge layers at
-        8 bits), input grids from the observed values, per-channel weight grids."""
+        8 bits, the network's own input in float), input grids from the observed values, per-channel weight grids."""
         missing = [name for name in self.layers if name not in self.order]
         if missing:
             raise RuntimeError(f"layers never ran during calibration: {missing[:3]}")
-        edge_layers = {self.input_layer or self.order[0], self.order[-1]}
+        input_layer = self.input_layer or self.order[0]
+        edge_layers = {input_layer, self.order[-1]}
         layers = {}
         for name, layer in self.layers.items():
-            w_bits, a_bits = config.layer_bits(name in edge_layers)
+            w_bits, a_bits = config.layer_bits(name in edge_layers, takes_network_input=name == input_layer)
             scale = zero_point = None
             if w_bits not in NOT_QUANTIZED_BITS:
                 scale, zero_point = weight_grid(layer.weight, w_bits, config.range_method)
