@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from d2dpm.calibration import calibrate
+from d2dpm.config import STATS_FORMAT_VERSION
 from d2dpm.experiment import SHIPPED_STATS_DIR, CompareConfig
 from d2dpm.models import ASSETS_DIR, EMBEDDED_MODELS, load_model
 from d2dpm.quant import BACKBONES
@@ -42,13 +43,13 @@ def jobs(models: list[str], backbones: list[str]) -> list[tuple[str, int, int, f
 
 def rebuild_index(folder: Path) -> None:
     """index.json from the configuration each statistics file carries; files of no embedded
-    model's current weights are deleted (they can never match again)."""
+    model's current weights, or of an older statistics format, are deleted (they can never match again)."""
     current = {load_model(name).identity for name in EMBEDDED_MODELS if (ASSETS_DIR / "models" / name).is_dir()}
     index = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as handle:
             config = json.loads(handle.metadata()["config"])
-        if config["model"] in current:
+        if config["model"] in current and config.get("format_version") == STATS_FORMAT_VERSION:
             index[path.stem] = config
         else:
             path.unlink()

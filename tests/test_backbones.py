@@ -1,6 +1,8 @@
 """The PTQ backbones: bias correction and AdaRound on single layers with random data, split
 quantization of a UNet's skip concatenations, and the quantizer's exact round trip through a file."""
 
+import threading
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,12 +98,73 @@ def test_adaround_backbone_splits_concat_inputs_and_round_trips_through_a_file(t
     unet = tiny_unet()
     x, t = torch.randn(6, 3, 8, 8), torch.tensor([900, 700, 500, 300, 100, 10])
     with ActivationObserver(unet, splits=concat_splits(unet)) as observer, torch.no_grad():
-        unet(x, t)
+        for row in range(6):  # one call per step, as the sampler calls it: per-step grids too
+            unet(x[row:row + 1], t[row:row + 1])
     quantizer = observer.round_to_nearest(QuantConfig(4, 8))
-    assert len(quantizer.layers["up_blocks.0.resnets.0.conv_shortcut"].input_grid) == 2
+    shortcut = quantizer.layers["up_blocks.0.resnets.0.conv_shortcut"]
+    assert len(shortcut.input_grid) == 2 and sorted(shortcut.step_grids) == sorted(t.tolist())
+    assert all(len(grid) == 2 for grid in shortcut.step_grids.values())
     fitted = reconstruct(unet, quantizer, lambda net, args: net(*args).sample, (x, t), learn_rounding_too=True, iterations=20)
     assert fitted.layers["down_blocks.0.resnets.0.conv1"].rounding_up is not None
     save_file(fitted.to_tensors(), str(tmp_path / "q.safetensors"))
     again = Quantizer.from_tensors("adaround", load_file(str(tmp_path / "q.safetensors")))
     with torch.no_grad():
         assert torch.equal(quantize_network(unet, fitted)(x, t).sample, quantize_network(unet, again)(x, t).sample)
+
+
+def observed_per_step(unet, calls, config):
+    with ActivationObserver(unet) as observer, torch.no_grad():
+        for x, t in calls:
+            unet(x, t)
+    return observer.round_to_nearest(config)
+
+
+def test_every_backbone_but_rtn_gets_an_input_grid_per_step_fitted_to_that_step_alone():
+    unet = tiny_unet()
+    generator = torch.Generator().manual_seed(0)
+    calls = [(torch.randn(2, 3, 8, 8, generator=generator) * scale, torch.full((2,), t)) for t, scale in [(900, 3.0), (20, 0.5)]]
+    config = QuantConfig(8, 8, range_method="minmax", backbone="bias-correction")
+    both = observed_per_step(unet, calls, config)
+    name = "down_blocks.0.resnets.0.conv1"
+    assert sorted(both.layers[name].step_grids) == [20, 900]
+    for x, t in calls:  # with minmax, a step's grid is the grid of an observer that saw that step alone
+        alone = observed_per_step(unet, [(x, t)], config)
+        assert both.layers[name].step_grids[int(t[0])] == alone.layers[name].input_grid
+    assert both.layers[name].step_grids[20] != both.layers[name].step_grids[900]
+    assert not any(layer.step_grids for layer in observed_per_step(unet, calls, QuantConfig(8, 8, backbone="rtn")).layers.values())
+
+
+def test_per_step_grids_follow_the_forward_timestep_per_sample_and_per_thread():
+    unet = tiny_unet()
+    generator = torch.Generator().manual_seed(1)
+    calls = [(torch.randn(2, 3, 8, 8, generator=generator) * scale, torch.full((2,), t)) for t, scale in [(900, 3.0), (500, 1.0), (20, 0.3)]]
+    quantizer = observed_per_step(unet, calls, QuantConfig(4, 6, backbone="bias-correction"))
+    quantized = quantize_network(unet, quantizer)
+    x = torch.randn(3, 3, 8, 8, generator=generator)
+    with torch.no_grad():
+        alone = [quantized(x[i:i + 1], torch.tensor([t])).sample for i, t in enumerate([900, 500, 20])]
+        mixed = quantized(x, torch.tensor([900, 500, 20])).sample  # each sample on its own step's grids
+        assert torch.allclose(mixed, torch.cat(alone), atol=1e-5)
+    layer = quantizer.layers["down_blocks.0.resnets.0.conv1"]  # a timestep never calibrated takes the nearest one's grid
+    assert layer.grid_at(880) == layer.step_grids[900] and layer.grid_at(660) == layer.step_grids[500]
+    assert layer.grid_at(0) == layer.step_grids[20] != layer.step_grids[900]
+
+    results, errors = {}, []
+
+    def run(t):  # threads at different steps share one network: each must see its own timestep
+        try:
+            with torch.no_grad():
+                results[t] = [quantized(x[:1], torch.tensor([t])).sample for _ in range(20)]
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (900, 20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    with torch.no_grad():
+        for t in (900, 20):
+            expected = quantized(x[:1], torch.tensor([t])).sample
+            assert all(torch.equal(result, expected) for result in results[t])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -114,6 +115,42 @@ def quantize_activation(x: torch.Tensor, scale: float, zero_point: int, bits: in
     return torch.quantize_per_tensor(x.contiguous(), scale, zero_point, torch.quint8).dequantize()
 
 
+# The timestep of the forward running in this thread, for per-step input grids. Thread-local: one
+# quantized network serves several threads at once (the app's visitors), each at its own step.
+_forward_timestep = threading.local()
+
+InputGrid = list[tuple[int, float, int]]  # (first channel, scale, zero point) of each part of a layer's input
+
+
+def timestep_of(args: tuple, kwargs: dict) -> int | torch.Tensor | None:
+    """The timestep argument of a diffusers-style forward(sample, timestep, …): one int when every
+    sample shares it, else the per-sample tensor; None for a network called without one."""
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if timestep is None:
+        return None
+    timestep = torch.as_tensor(timestep).flatten()
+    first = int(timestep[0])
+    return first if bool((timestep == first).all()) else timestep.cpu()
+
+
+def watch_timestep(network: nn.Module, select=lambda timestep: timestep) -> list:
+    """Make every forward of `network` publish its timestep (a per-sample tensor passed through
+    `select`) for the quantized layers inside it (`current_timestep`); returns the hooks' handles."""
+
+    def enter(module, args, kwargs):
+        timestep = timestep_of(args, kwargs)
+        _forward_timestep.value = select(timestep) if isinstance(timestep, torch.Tensor) else timestep
+
+    def leave(module, args, output):
+        _forward_timestep.value = None
+
+    return [network.register_forward_pre_hook(enter, with_kwargs=True), network.register_forward_hook(leave)]
+
+
+def current_timestep() -> int | torch.Tensor | None:
+    return getattr(_forward_timestep, "value", None)
+
+
 @dataclass
 class LayerQuantizer:
     """How one Conv2d/Linear is quantized.
@@ -122,25 +159,49 @@ class LayerQuantizer:
     part, or two where the input is a concatenation of a skip connection with the upsampled path
     (Q-Diffusion's split quantization: each half gets its own range). Empty when the input stays
     in floating point; `weight_scale` is None when the weights do.
+
+    `step_grids` (time-step-aware ranges): an input grid per calibrated timestep t. A layer's input
+    range moves a lot over the sampling steps; one grid for all of them either clips the wide steps or
+    wastes levels on the narrow ones. Used when the forward's timestep is known; a timestep that was
+    not calibrated takes the grid of the nearest one, and `input_grid` (all steps) serves otherwise.
     """
 
     w_bits: int
     a_bits: int
-    input_grid: list[tuple[int, float, int]] = field(default_factory=list)
+    input_grid: InputGrid = field(default_factory=list)
     weight_scale: torch.Tensor | None = None  # [C_out]
     weight_zero_point: torch.Tensor | None = None  # [C_out] int32
     rounding_up: torch.Tensor | None = None  # AdaRound: bool like the weight, True = floor(W/s) + 1
     bias_correction: torch.Tensor | None = None  # [C_out], subtracted from the layer's output
+    step_grids: dict[int, InputGrid] = field(default_factory=dict)
+
+    def grid_at(self, timestep: int) -> InputGrid:
+        grid = self.step_grids.get(timestep)
+        if grid is None:
+            grid = self.step_grids[min(self.step_grids, key=lambda calibrated: abs(calibrated - timestep))]
+        return grid
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_grid:
             return x
-        if len(self.input_grid) == 1:
-            _, scale, zero_point = self.input_grid[0]
+        timestep = current_timestep() if self.step_grids else None
+        if timestep is None:
+            return self._on_grid(x, self.input_grid)
+        if isinstance(timestep, int):
+            return self._on_grid(x, self.grid_at(timestep))
+        quantized = torch.empty_like(x)  # samples at different steps (the backbone's fitting): each on its own grid
+        for value in timestep.unique().tolist():
+            rows = (timestep == value).nonzero().flatten().to(x.device)
+            quantized[rows] = self._on_grid(x[rows], self.grid_at(value))
+        return quantized
+
+    def _on_grid(self, x: torch.Tensor, grid: InputGrid) -> torch.Tensor:
+        if len(grid) == 1:
+            _, scale, zero_point = grid[0]
             return quantize_activation(x, scale, zero_point, self.a_bits)
-        ends = [first for first, _, _ in self.input_grid[1:]] + [x.shape[1]]
+        ends = [first for first, _, _ in grid[1:]] + [x.shape[1]]
         return torch.cat([quantize_activation(x[:, first:end], scale, zero_point, self.a_bits)
-                          for (first, scale, zero_point), end in zip(self.input_grid, ends)], dim=1)
+                          for (first, scale, zero_point), end in zip(grid, ends)], dim=1)
 
     def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if self.weight_scale is None:
@@ -172,7 +233,8 @@ class QuantizedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         parts = ", split input" if len(self.quantizer.input_grid) > 1 else ""
-        return f"W{self.w_bits}A{self.a_bits}{parts}, {type(self.inner).__name__}"
+        steps = f", input grids for {len(self.quantizer.step_grids)} steps" if self.quantizer.step_grids else ""
+        return f"W{self.w_bits}A{self.a_bits}{parts}{steps}, {type(self.inner).__name__}"
 
 
 @dataclass
@@ -202,6 +264,9 @@ class Quantizer:
                 tensors[prefix + "rounding_shape"] = torch.tensor(layer.rounding_up.shape, dtype=torch.int64)
             if layer.bias_correction is not None:
                 tensors[prefix + "bias_correction"] = layer.bias_correction.float().cpu().contiguous()
+            if layer.step_grids:  # rows of (t, first channel, scale, zero point)
+                tensors[prefix + "step_grids"] = torch.tensor(
+                    [(t, *part) for t, grid in layer.step_grids.items() for part in grid], dtype=torch.float64)
         return tensors
 
     @classmethod
@@ -218,8 +283,12 @@ class Quantizer:
                 shape = tuple(int(n) for n in tensors[prefix + "rounding_shape"])
                 bits = np.unpackbits(rounding.numpy(), count=math.prod(shape)).astype(bool)
                 rounding = torch.from_numpy(bits).view(shape)
+            step_grids: dict[int, InputGrid] = {}
+            for t, first, scale, zero in tensors.get(prefix + "step_grids", torch.empty(0, 4)).tolist():
+                step_grids.setdefault(int(t), []).append((int(first), float(scale), int(zero)))
             layers[name] = LayerQuantizer(w_bits, a_bits, grid, tensors.get(prefix + "weight_scale"),
-                                          tensors.get(prefix + "weight_zero_point"), rounding, tensors.get(prefix + "bias_correction"))
+                                          tensors.get(prefix + "weight_zero_point"), rounding, tensors.get(prefix + "bias_correction"),
+                                          step_grids)
         return cls(backbone, layers)
 
 
@@ -230,6 +299,8 @@ def quantize_network(network: nn.Module, quantizer: Quantizer) -> nn.Module:
             q.rounding_up is not None and tuple(q.rounding_up.shape) != tuple(layers[name].weight.shape) for name, q in quantizer.layers.items()):
         raise ConfigError("stats", "a quantizer made for another network", "statistics made for this model's network")
     quantized = replace_layers(copy.deepcopy(network), lambda name, layer: QuantizedLayer(layer, quantizer.layers[name]))
+    if any(layer.step_grids for layer in quantizer.layers.values()):
+        watch_timestep(quantized)
     return quantized.eval().requires_grad_(False)
 
 

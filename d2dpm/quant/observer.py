@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import NOT_QUANTIZED_BITS, QuantConfig
-from .fake import LayerQuantizer, Quantizer, quantizable_layers, tensor_grid, weight_grid
+from .fake import InputGrid, LayerQuantizer, Quantizer, quantizable_layers, tensor_grid, timestep_of, weight_grid
 
 OBSERVED_VALUES_PER_CALL = 4096  # random layer-input values kept per forward and input part, for the MSE search
 
@@ -46,18 +46,22 @@ def concat_splits(network: nn.Module) -> dict[str, int]:
 
 class ActivationObserver:
     """Records, for every Conv2d/Linear layer (and every part of a split input), the range and a
-    random sample of its inputs."""
+    random sample of its inputs: over all calls, and per timestep for calls whose samples share one
+    (every call of the sampler does), for time-step-aware input grids."""
 
     def __init__(self, network: nn.Module, seed: int = 0, splits: dict[str, int] | None = None):
         self.network = network
         self.layers = quantizable_layers(network)
         self.splits = splits or {}
-        self.low: dict[tuple[str, int], float] = {}
-        self.high: dict[tuple[str, int], float] = {}
-        self.samples: dict[tuple[str, int], list[torch.Tensor]] = {}
+        # keyed by (layer, part, timestep); timestep None gathers every call
+        self.low: dict[tuple[str, int, int | None], float] = {}
+        self.high: dict[tuple[str, int, int | None], float] = {}
+        self.samples: dict[tuple[str, int, int | None], list[torch.Tensor]] = {}
+        self.timesteps: set[int] = set()  # those that calls had to themselves
         self.order: list[str] = []  # layers in the order they first ran
         self.input_layer: str | None = None  # the first layer fed the network's own input tensor
         self._network_input: torch.Tensor | None = None
+        self._timestep: int | None = None  # of the forward running, if its samples share one
         self._generator = torch.Generator().manual_seed(seed)
         self._handles: list = []
 
@@ -74,17 +78,23 @@ class ActivationObserver:
             if name not in self.order:
                 self.order.append(name)
             for part, values in enumerate(self._parts(name, inputs[0].detach())):
-                key, values = (name, part), values.float().flatten()
+                values = values.float().flatten()
                 low, high = float(values.min()), float(values.max())
-                self.low[key] = min(self.low.get(key, low), low)
-                self.high[key] = max(self.high.get(key, high), high)
                 picks = torch.randint(0, values.numel(), (min(OBSERVED_VALUES_PER_CALL, values.numel()),), generator=self._generator)
-                self.samples.setdefault(key, []).append(values[picks.to(values.device)].cpu())
+                picked = values[picks.to(values.device)].cpu()
+                for key in {(name, part, None), (name, part, self._timestep)}:
+                    self.low[key] = min(self.low.get(key, low), low)
+                    self.high[key] = max(self.high.get(key, high), high)
+                    self.samples.setdefault(key, []).append(picked)
 
         return record
 
     def _remember_input(self, module, args, kwargs):
         self._network_input = args[0] if args else next(iter(kwargs.values()), None)
+        timestep = timestep_of(args, kwargs)
+        self._timestep = timestep if isinstance(timestep, int) else None
+        if self._timestep is not None:
+            self.timesteps.add(self._timestep)
 
     def __enter__(self):
         self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in self.layers.items()]
@@ -97,31 +107,38 @@ class ActivationObserver:
         self._handles = []
         self._network_input = None
 
-    def input_grid(self, name: str, a_bits: int, range_method: str) -> list[tuple[int, float, int]]:
-        """(first channel, scale, zero point) of each part of layer `name`'s input at `a_bits`."""
+    def input_grid(self, name: str, a_bits: int, range_method: str, timestep: int | None = None) -> InputGrid:
+        """(first channel, scale, zero point) of each part of layer `name`'s input at `a_bits`, fitted
+        to the inputs of every call, or of the calls at `timestep` alone."""
         if a_bits in NOT_QUANTIZED_BITS:
             return []
         firsts = [0, self.splits[name]] if name in self.splits else [0]
         grid = []
         for part, first in enumerate(firsts):
-            key = (name, part)
+            key = (name, part, timestep)
             scale, zero_point = tensor_grid(torch.cat(self.samples[key]), self.low[key], self.high[key], a_bits, range_method)
             grid.append((first, scale, zero_point))
         return grid
 
     def round_to_nearest(self, config: QuantConfig, backbone: str | None = None) -> Quantizer:
         """The round-to-nearest quantizer of every layer under `config`: bit-widths (edge layers at
-        8 bits, the network's own input in float), input grids from the observed values, per-channel weight grids."""
+        8 bits, the network's own input in float), input grids from the observed values, per-channel
+        weight grids. Every backbone but `rtn` gets an input grid per observed timestep too
+        (`LayerQuantizer.step_grids`); `rtn` stays the plain one-range-per-layer quantizer."""
         missing = [name for name in self.layers if name not in self.order]
         if missing:
             raise RuntimeError(f"layers never ran during calibration: {missing[:3]}")
         input_layer = self.input_layer or self.order[0]
         edge_layers = {input_layer, self.order[-1]}
+        backbone = backbone or config.backbone
+        step_timesteps = sorted(self.timesteps) if backbone != "rtn" else []
         layers = {}
         for name, layer in self.layers.items():
             w_bits, a_bits = config.layer_bits(name in edge_layers, takes_network_input=name == input_layer)
             scale = zero_point = None
             if w_bits not in NOT_QUANTIZED_BITS:
                 scale, zero_point = weight_grid(layer.weight, w_bits, config.range_method)
-            layers[name] = LayerQuantizer(w_bits, a_bits, self.input_grid(name, a_bits, config.range_method), scale, zero_point)
-        return Quantizer(backbone or config.backbone, layers)
+            grid = self.input_grid(name, a_bits, config.range_method)
+            step_grids = {t: self.input_grid(name, a_bits, config.range_method, t) for t in step_timesteps} if grid else {}
+            layers[name] = LayerQuantizer(w_bits, a_bits, grid, scale, zero_point, step_grids=step_grids)
+        return Quantizer(backbone, layers)

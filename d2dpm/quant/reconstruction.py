@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake import LayerQuantizer, Quantizer, replace_layers
+from .fake import LayerQuantizer, Quantizer, replace_layers, watch_timestep
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
 ADAROUND_ITERATIONS = 500
@@ -152,6 +152,8 @@ def reconstruct(network: nn.Module, quantizer: Quantizer, forward: Callable[[nn.
         return y_q - _per_channel(layer, correction, y_q)
 
     dual = replace_layers(copy.deepcopy(network), lambda name, layer: _DualLayer(name, layer, fit))
+    # The quantized half's per-step input grids need each of its samples' timesteps (the second half).
+    watch_timestep(dual, select=lambda timesteps: timesteps[timesteps.shape[0] // 2:])
     with torch.no_grad():
         forward(dual, tuple(torch.cat([tensor, tensor]) if isinstance(tensor, torch.Tensor) else tensor for tensor in inputs))
     unfitted = [name for name, module in dual.named_modules() if isinstance(module, _DualLayer) and not module.fitted]
