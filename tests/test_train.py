@@ -77,6 +77,10 @@ def test_init_from_starts_a_new_run_from_a_models_weights(tmp_path):
     training = json.loads((again / "d2dpm_model.json").read_text())["training"]
     assert training["steps"] == 1 and f"--init-from {first}" in training["command"]
     assert training["initialised_from"]["steps"] == 2 and "--steps 2" in training["initialised_from"]["command"]
+    # A third cycle from the second keeps the whole lineage: the first run's command is still on record.
+    third = train_main([*TINY_EMOJI, "--out", str(tmp_path / "d"), *tiny_step, "--init-from", str(again)])
+    lineage = json.loads((third / "d2dpm_model.json").read_text())["training"]["initialised_from"]
+    assert lineage["folder"] == str(again) and lineage["initialised_from"]["command"] == training["initialised_from"]["command"]
 
 
 def test_init_from_refuses_another_architecture_or_a_resume(tmp_path, capsys):

@@ -346,7 +346,9 @@ def _save(out: Path, data: TrainingData, network, ema: WeightAverage, optimizer,
 def _start_from_weights(folder: Path, subfolder: str, data: TrainingData, network: torch.nn.Module, ema: WeightAverage) -> dict:
     """--init-from: a new run (step 0, fresh optimizer, learning-rate warm-up) whose raw and averaged
     weights both start as `folder`'s saved (averaged) weights: one more training cycle for a model,
-    to see whether it had converged. Returns what the new model records about where it started."""
+    to see whether it had converged. Returns what the new model records about where it started: the
+    folder and that model's whole training record, which nests its own start, so the lineage of a model
+    trained in several cycles stays complete."""
     allowed = f"a model folder of {data.name} with the same architecture (its {subfolder}/ weights must fit this network)"
     try:
         weights = type(network).from_pretrained(folder / subfolder, low_cpu_mem_usage=False).state_dict()
@@ -358,7 +360,7 @@ def _start_from_weights(folder: Path, subfolder: str, data: TrainingData, networ
         earlier = json.loads((folder / "d2dpm_model.json").read_text())["training"]
     except (OSError, ValueError, KeyError):
         earlier = {}
-    return {"folder": str(folder), "command": earlier.get("command"), "steps": earlier.get("steps")}
+    return {"folder": str(folder), **earlier}
 
 
 def run_train(args: argparse.Namespace) -> Path:
