@@ -5,7 +5,7 @@
    (time-step-aware calibration). The step records keep each step's x_t and FP output ε.
 2. The quantizer: round to nearest from the observed ranges; for the `bias-correction` and
    `adaround` backbones, fitted layer by layer on network inputs drawn from those trajectories
-   (`quant.reconstruct`).
+   (`quant.reconstruct`), with a bias correction per calibrated step besides the one for all steps.
 3. Evaluate the quantized network on the *same* x_t (guided the same way) and fit the joint
    Gaussian of (ε̂, Δ = ε̂ − ε) per step, plus PTQD's terms.
 """
@@ -28,7 +28,9 @@ from .schedule import DDIMSchedule
 
 ProgressCallback = Callable[[float, str], None]
 TRAJECTORY_BATCH = 256  # trajectories sampled side by side
-RECONSTRUCTION_INPUTS = 512  # network inputs (x_t, t, class) the backbone's layer-wise fitting sees
+# Network inputs (x_t, t, class) the backbone's layer-wise fitting sees: about 50 per step at 20
+# steps for the per-step bias corrections.
+RECONSTRUCTION_INPUTS = 1024
 
 
 @dataclass

@@ -100,7 +100,8 @@ MAX_CALIB_SEED = 2**32 - 1  # calibration derives per-batch seeds as seed · 1 0
 # 2: the quantizer (backbone, weight grids, AdaRound rounding, bias corrections) is saved in full, and
 # calibration draws its trajectories through the sampler's noise (another order of random draws).
 # 3: the network's own input stays in floating point (`QuantConfig.layer_bits`).
-STATS_FORMAT_VERSION = 3
+# 4: the backbones after `rtn` add a bias correction per calibrated step.
+STATS_FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)

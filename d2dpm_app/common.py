@@ -74,8 +74,8 @@ MAX_IMAGE_STEPS = int(os.environ.get("D2DPM_MAX_IMAGE_STEPS", "2400"))
 # The whole run, calibration included, in the same unit: a calibration runs calib_samples
 # trajectories × steps through the FP network and again through the quantized one (× 2), and bias
 # correction adds one dual forward of its RECONSTRUCTION_INPUTS fitting inputs (× 2). The default
-# calibration (128 trajectories, 20 steps, bias correction: 6,144) plus a default comparison (800) fits.
-MAX_WORK = int(os.environ.get("D2DPM_MAX_WORK", "8000"))
+# calibration (128 trajectories, 20 steps, bias correction: 7,168) plus a default comparison (900) fits.
+MAX_WORK = int(os.environ.get("D2DPM_MAX_WORK", "9000"))
 MAX_UI_STEPS = 100
 MAX_CALIB_SAMPLES = 512
 # A toy2d point goes through a 128-wide MLP: hundreds of them cost less than one 32×32 image through

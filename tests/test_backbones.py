@@ -1,6 +1,8 @@
-"""The PTQ backbones: bias correction and AdaRound on single layers with random data, split
-quantization of a UNet's skip concatenations, and the quantizer's exact round trip through a file."""
+"""The PTQ backbones: bias correction (for all steps and per step) and AdaRound on single layers with
+random data, split quantization of a UNet's skip concatenations, and the quantizer's exact round trip
+through a file."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -168,3 +170,58 @@ def test_per_step_grids_follow_the_forward_timestep_per_sample_and_per_thread():
         for t in (900, 20):
             expected = quantized(x[:1], torch.tensor([t])).sample
             assert all(torch.equal(result, expected) for result in results[t])
+
+
+class Stepped(nn.Module):
+    """A single layer called the way the sampler calls a network: forward(x, timestep)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, timestep):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("make", [conv_and_data, linear_and_data])
+def test_bias_correction_per_step_removes_each_steps_mean_error(make, tmp_path):
+    layer, x = make(seed=2)
+    # Two steps whose inputs differ in scale and offset, as a layer's inputs do over the sampling steps.
+    steps = {900: x[: len(x) // 2] * 3.0 + 0.5, 20: x[len(x) // 2:] * 0.4}
+    net = Stepped(layer)
+    with ActivationObserver(net) as observer, torch.no_grad():
+        for t, inputs in steps.items():
+            net(inputs, torch.full((len(inputs),), t))
+    rtn = observer.round_to_nearest(QuantConfig(3, 4, keep_edge_layers_8bit=False, backbone="bias-correction"))
+    inputs_by_step = {t: (inputs, torch.full((len(inputs),), t)) for t, inputs in steps.items()}
+    mixed = tuple(torch.cat(parts) for parts in zip(*inputs_by_step.values()))
+    per_step = reconstruct(net, rtn, lambda network, args: network(*args), mixed, learn_rounding_too=False)
+    assert sorted(per_step.layers["layer"].step_bias_corrections) == [20, 900]
+    all_steps = Quantizer("bias-correction", {"layer": dataclasses.replace(per_step.layers["layer"], step_bias_corrections={})})
+
+    def mean_errors(quantizer):
+        with torch.no_grad():
+            return {t: mean_error_per_channel(layer, quantize_network(net, quantizer)(*args) - layer(args[0]))
+                    for t, args in inputs_by_step.items()}
+
+    before, after = mean_errors(all_steps), mean_errors(per_step)
+    with torch.no_grad():
+        scale = 1 + max(float(layer(inputs).abs().max()) for inputs in steps.values())
+    assert min(float(error.abs().max()) for error in before.values()) > 1e-3  # one correction for both steps misses each
+    assert all(float(error.abs().max()) < 1e-5 * scale for error in after.values())
+
+    quantized = quantize_network(net, per_step)
+    mixed_x = torch.cat([steps[900][:3], steps[20][:3]])
+    mixed_t = torch.tensor([900] * 3 + [20] * 3)
+    with torch.no_grad():  # a batch mixing steps: each sample gets its own step's correction
+        alone = torch.cat([quantized(mixed_x[:3], mixed_t[:3]), quantized(mixed_x[3:], mixed_t[3:])])
+        assert torch.allclose(quantized(mixed_x, mixed_t), alone, atol=1e-6)
+        # A timestep never calibrated takes the nearest calibrated one's correction.
+        assert torch.equal(quantized(mixed_x[:3], torch.full((3,), 700)), quantized(mixed_x[:3], torch.full((3,), 900)))
+        assert torch.equal(quantized(mixed_x[:3], torch.full((3,), 300)), quantized(mixed_x[:3], torch.full((3,), 20)))
+        # Called outside a forward that carries a timestep, the layer uses the all-steps correction.
+        assert torch.allclose(quantized.layer(mixed_x), quantize_network(net, all_steps).layer(mixed_x))
+    save_file(per_step.to_tensors(), str(tmp_path / "q.safetensors"))
+    again = Quantizer.from_tensors("bias-correction", load_file(str(tmp_path / "q.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(quantize_network(net, again)(mixed_x, mixed_t), quantized(mixed_x, mixed_t))

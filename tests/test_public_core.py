@@ -183,7 +183,7 @@ def settings(model, **changes):
 
 def test_the_budget_counts_calibration_until_the_statistics_are_ready(app, conditional_model_dir):
     plan = app.plan_run(settings(conditional_model_dir, backbone="bias-correction"))
-    assert plan.calibrates and plan.work == 2 * 5 * 4 + 8 * 4 * 2 + 512 * 2
+    assert plan.calibrates and plan.work == 2 * 5 * 4 + 8 * 4 * 2 + 1024 * 2
     with pytest.raises(ConfigError) as refused:
         app.plan_run(settings(conditional_model_dir, calib_samples=512, steps=50))
     assert refused.value.argument == "calib_samples" and f"at most {app.MAX_WORK}" in refused.value.allowed

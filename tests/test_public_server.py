@@ -22,6 +22,7 @@ import torch
 
 from app_helpers import ROOT, gradio_server
 from conftest import save_pipeline_folder, tiny_unet
+from d2dpm_app import common
 from test_gradio_app import compare_args
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -161,9 +162,10 @@ class MemoryWatch:
         return self.peak
 
 
-def emoji_calibration_args(budget: int = 8000):
+def emoji_calibration_args(budget: int = common.MAX_WORK):
     """The largest calibration the budget allows on the emoji model: 1 image, FP and quantized rows,
-    20 steps (40 image-steps of sampling), bias correction (1,024), and as many trajectories as fit."""
+    20 steps (40 image-steps of sampling), bias correction (2 × its fitting inputs), and as many
+    trajectories as fit."""
     from d2dpm.calibration import RECONSTRUCTION_INPUTS
 
     trajectories = (budget - 40 - 2 * RECONSTRUCTION_INPUTS) // (20 * 2)

@@ -4,7 +4,7 @@ Its settings (`QuantConfig`, the allowed bits, the backbones) are in `d2dpm.conf
 without importing torch; they are re-exported here.
 `fake`: the grid, the quantized layer and the `Quantizer` that describes a quantized network;
 `observer`: layer inputs seen on full-precision trajectories, turned into round-to-nearest;
-`reconstruction`: bias correction and AdaRound, fitted layer by layer on calibration inputs.
+`reconstruction`: bias correction (for all steps and per step) and AdaRound, fitted layer by layer on calibration inputs.
 """
 
 from ..config import BACKBONES, DEFAULT_BACKBONE, NOT_QUANTIZED_BITS, QuantConfig

@@ -151,6 +151,13 @@ def current_timestep() -> int | torch.Tensor | None:
     return getattr(_forward_timestep, "value", None)
 
 
+def nearest_calibrated(calibrated: dict[int, object], timestep: int) -> int:
+    """The calibrated timestep closest to `timestep` (the smaller one on a tie)."""
+    if timestep in calibrated:
+        return timestep
+    return min(sorted(calibrated), key=lambda t: abs(t - timestep))
+
+
 @dataclass
 class LayerQuantizer:
     """How one Conv2d/Linear is quantized.
@@ -164,6 +171,11 @@ class LayerQuantizer:
     range moves a lot over the sampling steps; one grid for all of them either clips the wide steps or
     wastes levels on the narrow ones. Used when the forward's timestep is known; a timestep that was
     not calibrated takes the grid of the nearest one, and `input_grid` (all steps) serves otherwise.
+
+    `step_bias_corrections` (time-step-aware bias correction): E[ỹ − y] per output channel fitted on
+    each calibrated step's inputs alone. The mean error of a layer moves with t as its input range
+    does, and DDIM integrates what is left of it at every step. Looked up like the step grids;
+    `bias_correction` (all steps) serves when the timestep is unknown.
     """
 
     w_bits: int
@@ -174,12 +186,10 @@ class LayerQuantizer:
     rounding_up: torch.Tensor | None = None  # AdaRound: bool like the weight, True = floor(W/s) + 1
     bias_correction: torch.Tensor | None = None  # [C_out], subtracted from the layer's output
     step_grids: dict[int, InputGrid] = field(default_factory=dict)
+    step_bias_corrections: dict[int, torch.Tensor] = field(default_factory=dict)  # t → [C_out]
 
     def grid_at(self, timestep: int) -> InputGrid:
-        grid = self.step_grids.get(timestep)
-        if grid is None:
-            grid = self.step_grids[min(self.step_grids, key=lambda calibrated: abs(calibrated - timestep))]
-        return grid
+        return self.step_grids[nearest_calibrated(self.step_grids, timestep)]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_grid:
@@ -220,16 +230,32 @@ class QuantizedLayer(nn.Module):
         self.w_bits, self.a_bits = quantizer.w_bits, quantizer.a_bits
         self.weight = nn.Parameter(quantizer.quantized_weight(layer.weight), requires_grad=False)
         bias = layer.bias
-        if quantizer.bias_correction is not None:
+        if quantizer.bias_correction is not None:  # folded into the bias: what a forward without a timestep uses
             correction = quantizer.bias_correction.to(layer.weight)
             bias = nn.Parameter((bias.detach() if bias is not None else 0) - correction, requires_grad=False)
         self.bias = bias
+        # Per-step corrections are applied on top of the folded one, as their difference from it.
+        steps = sorted(quantizer.step_bias_corrections)
+        self.register_buffer("correction_timesteps", torch.tensor(steps, dtype=torch.int64) if steps else None)
+        self.register_buffer("step_correction_offsets", torch.stack(
+            [quantizer.step_bias_corrections[t] - (quantizer.bias_correction if quantizer.bias_correction is not None else 0)
+             for t in steps]).to(layer.weight) if steps else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantizer.quantize_input(x)
         if isinstance(self.inner, nn.Conv2d):
-            return self.inner._conv_forward(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = self.inner._conv_forward(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        timestep = current_timestep() if self.correction_timesteps is not None else None
+        if timestep is None:
+            return y
+        # The nearest calibrated step of each sample (ties to the smaller t, like `nearest_calibrated`).
+        wanted = torch.as_tensor(timestep, dtype=torch.int64).reshape(-1, 1).to(self.correction_timesteps.device)
+        offsets = self.step_correction_offsets[(wanted - self.correction_timesteps).abs().argmin(dim=1)]  # [1 or B, C]
+        if isinstance(self.inner, nn.Conv2d):
+            return y - offsets.view(offsets.shape[0], -1, 1, 1)
+        return y - offsets.view(offsets.shape[0], *[1] * (y.dim() - 2), -1)
 
     def extra_repr(self) -> str:
         parts = ", split input" if len(self.quantizer.input_grid) > 1 else ""
@@ -264,6 +290,11 @@ class Quantizer:
                 tensors[prefix + "rounding_shape"] = torch.tensor(layer.rounding_up.shape, dtype=torch.int64)
             if layer.bias_correction is not None:
                 tensors[prefix + "bias_correction"] = layer.bias_correction.float().cpu().contiguous()
+            if layer.step_bias_corrections:  # a row per calibrated step
+                steps = sorted(layer.step_bias_corrections)
+                tensors[prefix + "step_bias_timesteps"] = torch.tensor(steps, dtype=torch.int64)
+                tensors[prefix + "step_bias_corrections"] = torch.stack(
+                    [layer.step_bias_corrections[t].float().cpu() for t in steps]).contiguous()
             if layer.step_grids:  # rows of (t, first channel, scale, zero point)
                 tensors[prefix + "step_grids"] = torch.tensor(
                     [(t, *part) for t, grid in layer.step_grids.items() for part in grid], dtype=torch.float64)
@@ -286,9 +317,11 @@ class Quantizer:
             step_grids: dict[int, InputGrid] = {}
             for t, first, scale, zero in tensors.get(prefix + "step_grids", torch.empty(0, 4)).tolist():
                 step_grids.setdefault(int(t), []).append((int(first), float(scale), int(zero)))
+            step_corrections = dict(zip(tensors.get(prefix + "step_bias_timesteps", torch.empty(0)).tolist(),
+                                        tensors.get(prefix + "step_bias_corrections", torch.empty(0))))
             layers[name] = LayerQuantizer(w_bits, a_bits, grid, tensors.get(prefix + "weight_scale"),
                                           tensors.get(prefix + "weight_zero_point"), rounding, tensors.get(prefix + "bias_correction"),
-                                          step_grids)
+                                          step_grids, step_corrections)
         return cls(backbone, layers)
 
 

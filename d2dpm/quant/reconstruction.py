@@ -18,6 +18,11 @@ layer is fitted when the pass reaches it, so it sees the inputs that the correct
 produce, and the error it removes includes that of its own input quantization (asymmetric
 reconstruction, as AdaRound, BRECQ and Q-Diffusion do). The network must treat the samples of a
 batch independently (GroupNorm, attention over positions: every diffusers UNet does).
+
+**Time-step-aware bias correction**: when the calibration inputs carry their timesteps, each layer
+also gets E[ỹ − y | t] for every step t among them (`LayerQuantizer.step_bias_corrections`): a
+layer's mean error moves with t as its input range does. The quantized path then passes each sample
+on corrected for its own step, so the layers after see what sampling will feed them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake import LayerQuantizer, Quantizer, replace_layers, watch_timestep
+from .fake import LayerQuantizer, Quantizer, current_timestep, replace_layers, watch_timestep
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
 ADAROUND_ITERATIONS = 500
@@ -127,8 +132,8 @@ class _DualLayer(nn.Module):
 def reconstruct(network: nn.Module, quantizer: Quantizer, forward: Callable[[nn.Module, tuple], torch.Tensor], inputs: tuple,
                 learn_rounding_too: bool, progress: ProgressCallback | None = None,
                 iterations: int = ADAROUND_ITERATIONS, seed: int = 0) -> Quantizer:
-    """Fit bias corrections (and, if `learn_rounding_too`, AdaRound's rounding first) to every
-    quantized layer of `quantizer`, in forward order, on the calibration `inputs` (a tuple of
+    """Fit bias corrections, for all steps and per step (and, if `learn_rounding_too`, AdaRound's
+    rounding first), to every quantized layer of `quantizer`, in forward order, on the calibration `inputs` (a tuple of
     tensors whose first dimension indexes the samples; `forward(network, inputs)` runs the network).
     Returns a new `Quantizer`; `network` and `quantizer` are not modified."""
     layers = {name: copy.copy(layer) for name, layer in quantizer.layers.items()}
@@ -144,15 +149,27 @@ def reconstruct(network: nn.Module, quantizer: Quantizer, forward: Callable[[nn.
             target = y_fp - _per_channel(layer, bias, y_fp) if bias is not None else y_fp
             spec.rounding_up = learn_rounding(layer, spec, x_quantized, target, iterations, seed)
         y_q = _apply(layer, x_quantized, spec.quantized_weight(layer.weight), bias)
-        correction = mean_error_per_channel(layer, y_q - y_fp)
+        error = y_q - y_fp
+        correction = mean_error_per_channel(layer, error)
         spec.bias_correction = correction.cpu()
+        timesteps = current_timestep()
+        if timesteps is None:
+            corrected = y_q - _per_channel(layer, correction, y_q)
+        else:  # one correction per step, each sample corrected with its own step's
+            timesteps = torch.as_tensor(timesteps).expand(y_q.shape[0]).to(y_q.device)
+            spec.step_bias_corrections, corrected = {}, torch.empty_like(y_q)
+            for t in timesteps.unique().tolist():
+                rows = (timesteps == t).nonzero().flatten()
+                step_correction = mean_error_per_channel(layer, error[rows])
+                spec.step_bias_corrections[int(t)] = step_correction.cpu()
+                corrected[rows] = y_q[rows] - _per_channel(layer, step_correction, y_q)
         done += 1
         if progress is not None:
             progress(done / total, f"{'AdaRound and bias' if learn_rounding_too else 'bias'} correction: layer {done}/{total} ({name})")
-        return y_q - _per_channel(layer, correction, y_q)
+        return corrected
 
     dual = replace_layers(copy.deepcopy(network), lambda name, layer: _DualLayer(name, layer, fit))
-    # The quantized half's per-step input grids need each of its samples' timesteps (the second half).
+    # The quantized half's per-step grids and corrections need each of its samples' timesteps (the second half).
     watch_timestep(dual, select=lambda timesteps: timesteps[timesteps.shape[0] // 2:])
     with torch.no_grad():
         forward(dual, tuple(torch.cat([tensor, tensor]) if isinstance(tensor, torch.Tensor) else tensor for tensor in inputs))
@@ -160,4 +177,5 @@ def reconstruct(network: nn.Module, quantizer: Quantizer, forward: Callable[[nn.
     if unfitted:
         raise RuntimeError(f"layers never ran in the calibration forward: {unfitted[:3]}")
     return Quantizer(quantizer.backbone, layers)
+
 
