@@ -41,23 +41,23 @@ $\Delta \sim \mathcal N(\mu_\Delta(t), \sigma_\Delta(t)^2)$. The two moments do 
 """,
     ),
     (
-        "2. What the backbone removes first: the static offset",
+        "2. What the backbone removes first: each layer's mean error",
         r"""
 Quantizing a network's weights and inputs moves each layer's output by an error with a **mean per output channel**
-that is nearly the same for every input. Round to nearest leaves it in place, and deterministic DDIM adds it up over every
-step: on the emoji model (guidance 3) a constant offset of 0.01 in $\epsilon$ at every step costs 12.9 dB of PSNR to
-full precision, where white noise of three times that size costs only 40 dB.
-A standard post-training quantization (PTQ) *backbone* removes this **static offset** once, offline, layer by layer:
-bias correction subtracts each layer's mean output error; AdaRound also learns whether each weight rounds up or down.
-The **PTQ backbone** control chooses it (`rtn` keeps the offset, to show what the backbone is for).
+that changes with the step but hardly with the sample. Round to nearest leaves it in place, and deterministic DDIM adds
+it up over every step: on the emoji model (guidance 3) a constant offset of 0.01 in $\epsilon$ at every step costs 12.9 dB
+of PSNR to full precision, where white noise of three times that size costs only 40 dB.
+A standard post-training quantization (PTQ) *backbone* removes this mean error once, offline, layer by layer:
+bias correction subtracts each layer's mean output error at each calibrated step; AdaRound first learns whether each
+weight rounds up or down. The **PTQ backbone** control chooses it (`rtn` keeps the error, to show what the backbone is for).
 
-What is left is the **per-step deviation** that D²-DPM and PTQD model: $\mu_\Delta(t)$ and $\sigma_\Delta(t)$ change from
-step to step and, through $\rho$, with the quantized output itself. So read the Deviation curves with the backbone in mind:
-after `rtn`, $\mu_\Delta$ is mostly the static offset and every mean correction removes it; after a backbone it is
-what remains, and the corrections help only as far as that remainder is the Gaussian of the next section.
-On the emoji model (16 images, η = 0) the corrections move the AdaRound network at W8A8 by −1.1 to +0.3 dB of PSNR
-to FP and add 1.0–1.5 dB at W4A8 (D-D² the most); the bias-corrected network at W8A8 still carries a mean deviation,
-and PTQD's mean correction adds 5.6 dB to it.
+What is left is the **per-step deviation** of $\hat\epsilon$ that D²-DPM and PTQD model: the part of the error that
+depends on the sample (its spread $\sigma_\Delta(t)$, its correlation $\rho$ with $\hat\epsilon$) and the mean
+$\mu_\Delta(t)$ that the network's nonlinear layers make of the per-layer noise. So read the Deviation curves with the
+backbone in mind: after `rtn`, $\mu_\Delta$ is mostly the layers' own mean error and every mean correction removes much
+of it; after a backbone it is what remains, and the corrections help only as far as that remainder is the Gaussian of
+the next section. On the emoji model (512 images, η = 0) the best correction adds 0.4 dB of PSNR to FP to the AdaRound
+network at W8A8 and at W4A8; after `rtn` it adds 6.7 dB at W8A8 (PTQD) and 7.9 dB at W4A8.
 """,
     ),
     (
@@ -159,10 +159,11 @@ REFERENCES = f"""
 ### What we measured on these models
 
 For every backbone (the repository's `docs/results.md`): the **mean** correction does nearly all the repair, as long as
-the backbone leaves a mean deviation (round to nearest: up to 9 dB; after bias correction or AdaRound: at most 0.5 to 3.3 dB by model and backbone, and on
-emoji often none); conditioning on $\\hat\\epsilon$ beats PTQD where the error is correlated with the output (toy2d with
-round to nearest or bias correction: $\\rho \\approx -0.85$, D² removes 61–73 % of the excess NLL and PTQD none; AdaRound takes
-that correlation away); on the image models PTQD is ahead in most cells, D-D² in some AdaRound ones.
+the backbone leaves a mean deviation (round to nearest: up to 7.9 dB on emoji; after the per-step bias correction or AdaRound
+at most 1.9 dB on emoji, often none); conditioning on $\\hat\\epsilon$ beats PTQD where the error is correlated with the output (toy2d with
+round to nearest or bias correction at W4: $\\rho \\approx -0.85$, D² removes 54–64 % of the excess NLL and PTQD none; AdaRound takes
+that correlation away; on Fashion-MNIST, where it is anti-correlated, D-D² was ahead in every AdaRound cell); on emoji, where
+it is weak, D-D² and PTQD are within 0.4 dB of each other at W8A8 and W4A8 after a backbone, and PTQD is ahead at W4A6.
 The **variance** half of D-D² never helped: the mean-corrected output $E' = \\mathbb{{E}}[\\epsilon \\mid \\hat\\epsilon]$ already has
 *less* variance than $\\epsilon$ (by $\\sigma_{{\\text{{cond}}}}^2$ for any joint Gaussian), so absorbing more noise moves away from FP.
 
@@ -175,7 +176,7 @@ The **variance** half of D-D² never helped: the mean-corrected output $E' = \\m
 
 Differences from the paper in this demo: small models trained here instead of LDM-4 ImageNet; a choice of PTQ
 backbone (plain rounding, per-layer bias correction, or AdaRound's learned rounding) instead of BRECQ with AdaRound;
-the backbone removes the static offset of quantization once, and D²-DPM and PTQD model the deviation left at each step;
+the backbone removes each layer's mean quantization error (per step) before sampling, and D²-DPM and PTQD model the deviation left in ε̂ at each step;
 the conditional mean $\\mu_{{\\text{{cond}}}}(\\hat\\epsilon)$ of the paper's
 Algorithm 1 and code (not the unconditional $\\mu_\\Delta$ of its Eq. 15).
 """

@@ -60,11 +60,11 @@ MODES = {"S-D²": "stochastic", "D-D²": "deterministic"}
 ROW_METHODS = tuple(method for method in METHODS.values() if method.ui == ROW)
 GRANULARITY_CHOICES = list(GRANULARITIES)
 ALL_CLASSES = "all classes (one image each, cycling)"
-BACKBONE_INFO = ("how the quantized network is made; it removes quantization's static offset once, "
-                 "D²-DPM and PTQD then model the deviation left at each step (AdaRound only where its statistics are ready)")
-BACKBONE_HELP = ("PTQ backbone: how the quantized network is made. It removes the static offset of quantization once "
-                 "(rtn: plain rounding; bias-correction: per-layer mean error removed; adaround: learned rounding); "
-                 "D²-DPM and PTQD then model the deviation left at each step.")
+BACKBONE_INFO = ("how the quantized network is made; before sampling it removes each layer's mean error at each step, "
+                 "D²-DPM and PTQD then model the deviation left in ε̂ (AdaRound only where its statistics are ready)")
+BACKBONE_HELP = ("PTQ backbone: how the quantized network is made, once, before sampling "
+                 "(rtn: plain rounding; bias-correction: each layer's mean error removed, per step; adaround: learned "
+                 "rounding, then the same correction); D²-DPM and PTQD then model the deviation left in ε̂ at each step.")
 
 # The CPU budget: images × method rows × steps ("image-steps"). Each image-step is one image
 # through one network at one step; the default comparison (9 emoji, 5 rows, 20 steps) is 900.
@@ -467,9 +467,9 @@ GUIDE = """**What to look at**, in this order:
 
 DEVIATION_INTRO = ("How big the quantization noise Δ is at each step, how correlated with the quantized output ε̂, and how much of "
                    "it D-D² can absorb (grey: steps where it cannot, all of them at η = 0). The last step (t = 0) is an identity "
-                   "for the shipped schedules: its deviation cannot reach the sample. With the rtn backbone μ_Δ is mostly "
-                   "quantization's static offset, which a backbone removes once; with bias-correction or adaround it is the "
-                   "deviation left at each step, the one D²-DPM and PTQD model (Method, section 2).")
+                   "for the shipped schedules: its deviation cannot reach the sample. With the rtn backbone μ_Δ is mostly the "
+                   "layers' own mean quantization error, which a backbone removes before sampling; with bias-correction or "
+                   "adaround it is the deviation left, the one D²-DPM and PTQD model (Method, section 2).")
 PROMPT = ("**No comparison yet.** This view needs a run: press **Run comparison** (here, or on the Compare page) "
           "and it fills in. The Compare page shows a precomputed example meanwhile.")
 TRAJECTORIES_INTRO = "Distance of each method's sampling trajectory to the full-precision one, step by step."
