@@ -210,7 +210,7 @@ def test_bias_correction_per_step_removes_each_steps_mean_error(make, tmp_path):
     assert min(float(error.abs().max()) for error in before.values()) > 1e-3  # one correction for both steps misses each
     assert all(float(error.abs().max()) < 1e-5 * scale for error in after.values())
 
-    quantized = quantize_network(net, per_step)
+    quantized = quantize_network(net, per_step).to("cpu")  # a device move carries the per-step biases along
     mixed_x = torch.cat([steps[900][:3], steps[20][:3]])
     mixed_t = torch.tensor([900] * 3 + [20] * 3)
     with torch.no_grad():  # a batch mixing steps: each sample gets its own step's correction

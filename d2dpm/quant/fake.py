@@ -234,28 +234,39 @@ class QuantizedLayer(nn.Module):
             correction = quantizer.bias_correction.to(layer.weight)
             bias = nn.Parameter((bias.detach() if bias is not None else 0) - correction, requires_grad=False)
         self.bias = bias
-        # Per-step corrections are applied on top of the folded one, as their difference from it.
+        # Per-step corrections: the layer's bias with each calibrated step's correction folded in, one
+        # row per step, so a forward at one timestep costs no more than with the all-steps bias.
         steps = sorted(quantizer.step_bias_corrections)
-        self.register_buffer("correction_timesteps", torch.tensor(steps, dtype=torch.int64) if steps else None)
-        self.register_buffer("step_correction_offsets", torch.stack(
-            [quantizer.step_bias_corrections[t] - (quantizer.bias_correction if quantizer.bias_correction is not None else 0)
-             for t in steps]).to(layer.weight) if steps else None)
+        self._step_row = {t: row for row, t in enumerate(steps)}
+        step_biases = None
+        if steps:
+            base = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+            step_biases = torch.stack([base - quantizer.step_bias_corrections[t].to(base) for t in steps])
+        self.register_buffer("step_biases", None if step_biases is None else step_biases.to(layer.weight))
+
+    def _row(self, timestep: int) -> int:
+        row = self._step_row.get(timestep)
+        return row if row is not None else self._step_row[nearest_calibrated(self._step_row, timestep)]
+
+    def _output(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.inner, nn.Conv2d):
+            return self.inner._conv_forward(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantizer.quantize_input(x)
-        if isinstance(self.inner, nn.Conv2d):
-            y = self.inner._conv_forward(x, self.weight, self.bias)
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        timestep = current_timestep() if self.correction_timesteps is not None else None
+        timestep = current_timestep() if self.step_biases is not None else None
         if timestep is None:
-            return y
-        # The nearest calibrated step of each sample (ties to the smaller t, like `nearest_calibrated`).
-        wanted = torch.as_tensor(timestep, dtype=torch.int64).reshape(-1, 1).to(self.correction_timesteps.device)
-        offsets = self.step_correction_offsets[(wanted - self.correction_timesteps).abs().argmin(dim=1)]  # [1 or B, C]
+            return self._output(x, self.bias)
+        if isinstance(timestep, int):
+            return self._output(x, self.step_biases[self._row(timestep)])
+        # Samples at different steps: each gets its own step's bias.
+        rows = torch.tensor([self._row(t) for t in timestep.tolist()], device=self.step_biases.device)
+        biases = self.step_biases[rows]  # [B, C_out]
+        y = self._output(x, None)
         if isinstance(self.inner, nn.Conv2d):
-            return y - offsets.view(offsets.shape[0], -1, 1, 1)
-        return y - offsets.view(offsets.shape[0], *[1] * (y.dim() - 2), -1)
+            return y + biases.view(biases.shape[0], -1, 1, 1)
+        return y + biases.view(biases.shape[0], *[1] * (y.dim() - 2), -1)
 
     def extra_repr(self) -> str:
         parts = ", split input" if len(self.quantizer.input_grid) > 1 else ""
