@@ -133,9 +133,9 @@ def reconstruct(network: nn.Module, quantizer: Quantizer, forward: Callable[[nn.
                 learn_rounding_too: bool, progress: ProgressCallback | None = None,
                 iterations: int = ADAROUND_ITERATIONS, seed: int = 0) -> Quantizer:
     """Fit bias corrections, for all steps and per step (and, if `learn_rounding_too`, AdaRound's
-    rounding first), to every quantized layer of `quantizer`, in forward order, on the calibration `inputs` (a tuple of
-    tensors whose first dimension indexes the samples; `forward(network, inputs)` runs the network).
-    Returns a new `Quantizer`; `network` and `quantizer` are not modified."""
+    rounding first), to every quantized layer of `quantizer`, in forward order, on the calibration
+    `inputs` (a tuple of tensors whose first dimension indexes the samples; `forward(network, inputs)`
+    runs the network). Returns a new `Quantizer`; `network` and `quantizer` are not modified."""
     layers = {name: copy.copy(layer) for name, layer in quantizer.layers.items()}
     total, done = len(layers), 0
 
@@ -177,5 +177,3 @@ def reconstruct(network: nn.Module, quantizer: Quantizer, forward: Callable[[nn.
     if unfitted:
         raise RuntimeError(f"layers never ran in the calibration forward: {unfitted[:3]}")
     return Quantizer(quantizer.backbone, layers)
-
-
