@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import tiny_unet
+from d2dpm.errors import ConfigError
 from d2dpm.quant import (ActivationObserver, QuantConfig, Quantizer, concat_splits, learn_rounding, mean_error_per_channel,
                          quantize_network, reconstruct)
 
@@ -225,3 +226,19 @@ def test_bias_correction_per_step_removes_each_steps_mean_error(make, tmp_path):
     again = Quantizer.from_tensors("bias-correction", load_file(str(tmp_path / "q.safetensors")))
     with torch.no_grad():
         assert torch.equal(quantize_network(net, again)(mixed_x, mixed_t), quantized(mixed_x, mixed_t))
+
+    spec = per_step.layers["layer"]
+    # Per-step corrections apply even where no layer has per-step input grids.
+    no_grids = Quantizer("bias-correction", {"layer": dataclasses.replace(spec, step_grids={})})
+    all_steps_no_grids = Quantizer("bias-correction", {"layer": dataclasses.replace(spec, step_grids={}, step_bias_corrections={})})
+    with torch.no_grad():
+        assert not torch.allclose(quantize_network(net, no_grids)(mixed_x, mixed_t),
+                                  quantize_network(net, all_steps_no_grids)(mixed_x, mixed_t))
+    # A file or quantizer whose corrections do not fit the network is refused, not half-applied.
+    tensors = per_step.to_tensors()
+    tensors["quant.layer.step_bias_timesteps"] = tensors["quant.layer.step_bias_timesteps"][:1]
+    with pytest.raises(KeyError, match="rows for 1 timesteps"):
+        Quantizer.from_tensors("bias-correction", tensors)
+    wrong = {t: torch.cat([c, c]) for t, c in spec.step_bias_corrections.items()}
+    with pytest.raises(ConfigError, match="another network"):
+        quantize_network(net, Quantizer("bias-correction", {"layer": dataclasses.replace(spec, step_bias_corrections=wrong)}))

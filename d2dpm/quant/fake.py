@@ -151,6 +151,13 @@ def current_timestep() -> int | torch.Tensor | None:
     return getattr(_forward_timestep, "value", None)
 
 
+def layer_output(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the Conv2d/Linear `layer` computes on `x` with `weight` and `bias` in place of its own."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def nearest_calibrated(calibrated: dict[int, object], timestep: int) -> int:
     """The calibrated timestep closest to `timestep` (the smaller one on a tie)."""
     if timestep in calibrated:
@@ -248,22 +255,17 @@ class QuantizedLayer(nn.Module):
         row = self._step_row.get(timestep)
         return row if row is not None else self._step_row[nearest_calibrated(self._step_row, timestep)]
 
-    def _output(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.inner, nn.Conv2d):
-            return self.inner._conv_forward(x, self.weight, bias)
-        return F.linear(x, self.weight, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantizer.quantize_input(x)
         timestep = current_timestep() if self.step_biases is not None else None
         if timestep is None:
-            return self._output(x, self.bias)
+            return layer_output(self.inner, x, self.weight, self.bias)
         if isinstance(timestep, int):
-            return self._output(x, self.step_biases[self._row(timestep)])
+            return layer_output(self.inner, x, self.weight, self.step_biases[self._row(timestep)])
         # Samples at different steps: each gets its own step's bias.
         rows = torch.tensor([self._row(t) for t in timestep.tolist()], device=self.step_biases.device)
         biases = self.step_biases[rows]  # [B, C_out]
-        y = self._output(x, None)
+        y = layer_output(self.inner, x, self.weight, None)
         if isinstance(self.inner, nn.Conv2d):
             return y + biases.view(biases.shape[0], -1, 1, 1)
         return y + biases.view(biases.shape[0], *[1] * (y.dim() - 2), -1)
@@ -328,8 +330,11 @@ class Quantizer:
             step_grids: dict[int, InputGrid] = {}
             for t, first, scale, zero in tensors.get(prefix + "step_grids", torch.empty(0, 4)).tolist():
                 step_grids.setdefault(int(t), []).append((int(first), float(scale), int(zero)))
-            step_corrections = dict(zip(tensors.get(prefix + "step_bias_timesteps", torch.empty(0)).tolist(),
-                                        tensors.get(prefix + "step_bias_corrections", torch.empty(0))))
+            step_timesteps = tensors.get(prefix + "step_bias_timesteps", torch.empty(0)).tolist()
+            step_rows = tensors.get(prefix + "step_bias_corrections", torch.empty(0))
+            if len(step_timesteps) != len(step_rows):
+                raise KeyError(f"{prefix}step_bias_corrections: {len(step_rows)} rows for {len(step_timesteps)} timesteps")
+            step_corrections = dict(zip(step_timesteps, step_rows))
             layers[name] = LayerQuantizer(w_bits, a_bits, grid, tensors.get(prefix + "weight_scale"),
                                           tensors.get(prefix + "weight_zero_point"), rounding, tensors.get(prefix + "bias_correction"),
                                           step_grids, step_corrections)
@@ -339,11 +344,15 @@ class Quantizer:
 def quantize_network(network: nn.Module, quantizer: Quantizer) -> nn.Module:
     """A fake-quantized copy of `network`; `network` itself is not modified."""
     layers = quantizable_layers(network)
-    if set(layers) != set(quantizer.layers) or any(
-            q.rounding_up is not None and tuple(q.rounding_up.shape) != tuple(layers[name].weight.shape) for name, q in quantizer.layers.items()):
+    def fits(name: str, q: LayerQuantizer) -> bool:
+        weight_shape, channels = tuple(layers[name].weight.shape), (layers[name].weight.shape[0],)
+        return ((q.rounding_up is None or tuple(q.rounding_up.shape) == weight_shape)
+                and all(tuple(c.shape) == channels for c in q.step_bias_corrections.values()))
+
+    if set(layers) != set(quantizer.layers) or not all(fits(name, q) for name, q in quantizer.layers.items()):
         raise ConfigError("stats", "a quantizer made for another network", "statistics made for this model's network")
     quantized = replace_layers(copy.deepcopy(network), lambda name, layer: QuantizedLayer(layer, quantizer.layers[name]))
-    if any(layer.step_grids for layer in quantizer.layers.values()):
+    if any(layer.step_grids or layer.step_bias_corrections for layer in quantizer.layers.values()):
         watch_timestep(quantized)
     return quantized.eval().requires_grad_(False)
 

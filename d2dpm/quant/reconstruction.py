@@ -31,10 +31,9 @@ import copy
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .fake import LayerQuantizer, Quantizer, current_timestep, replace_layers, watch_timestep
+from .fake import LayerQuantizer, Quantizer, current_timestep, layer_output, replace_layers, watch_timestep
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
 ADAROUND_ITERATIONS = 500
@@ -54,12 +53,6 @@ def _channel_dim(layer: nn.Module) -> int:
 def _per_channel(layer: nn.Module, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-output-channel vector shaped to broadcast over the layer's output `like`."""
     return values.to(like).view((-1,) + (1,) * (like.dim() - 2)) if isinstance(layer, nn.Conv2d) else values.to(like)
-
-
-def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(layer, nn.Conv2d):
-        return layer._conv_forward(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def mean_error_per_channel(layer: nn.Module, error: torch.Tensor) -> torch.Tensor:
@@ -100,7 +93,7 @@ def learn_rounding(layer: nn.Module, quantizer: LayerQuantizer, x_quantized: tor
             picks = torch.randint(0, x_quantized.shape[0], (min(batch, x_quantized.shape[0]),), generator=generator).to(weight.device)
             h = rectified_sigmoid(v)
             quantized_weight = scale * ((floor + h + zero).clamp(0, levels) - zero)
-            output = _apply(layer, x_quantized[picks], quantized_weight.to(layer.weight.dtype), None)
+            output = layer_output(layer, x_quantized[picks], quantized_weight.to(layer.weight.dtype), None)
             loss = (output - target[picks]).pow(2).sum(_channel_dim(layer)).mean()
             if iteration >= warmup:
                 progress = (iteration - warmup) / max(iterations - warmup, 1)
@@ -148,7 +141,7 @@ def reconstruct(network: nn.Module, quantizer: Quantizer, forward: Callable[[nn.
         if learn_rounding_too and spec.weight_scale is not None:
             target = y_fp - _per_channel(layer, bias, y_fp) if bias is not None else y_fp
             spec.rounding_up = learn_rounding(layer, spec, x_quantized, target, iterations, seed)
-        y_q = _apply(layer, x_quantized, spec.quantized_weight(layer.weight), bias)
+        y_q = layer_output(layer, x_quantized, spec.quantized_weight(layer.weight), bias)
         error = y_q - y_fp
         correction = mean_error_per_channel(layer, error)
         spec.bias_correction = correction.cpu()
