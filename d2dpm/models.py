@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -87,6 +88,12 @@ def network_output(network: nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
     return out.sample if hasattr(out, "sample") else out
 
 
+# On the CPU a forward runs in chunks of at most this many samples: diffusers' Upsample2D copies a
+# batch of 64 or more out of channels-last (and the convolution after it copies it back), and the
+# smaller chunks stay in cache. 12–15 % faster per forward of the emoji network on 2 threads.
+CPU_FORWARD_CHUNK = 48
+
+
 class NoisePredictor:
     """ε_θ(x_t, t) of one network (full precision or quantized), guided when the model is conditional.
 
@@ -100,7 +107,13 @@ class NoisePredictor:
         self.num_classes = num_classes
 
     def _forward(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
-        return network_output(self.network, x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), labels)
+        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if x.device.type != "cpu" or x.shape[0] <= CPU_FORWARD_CHUNK:
+            return network_output(self.network, x, timesteps, labels)
+        size = math.ceil(x.shape[0] / math.ceil(x.shape[0] / CPU_FORWARD_CHUNK))  # equal chunks: 72 → 36 + 36
+        return torch.cat([network_output(self.network, x[i:i + size], timesteps[i:i + size],
+                                         labels[i:i + size] if labels is not None else None)
+                          for i in range(0, x.shape[0], size)])
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: int, labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:

@@ -70,3 +70,21 @@ def test_folder_without_a_model_is_refused(tmp_path):
     (tmp_path / "notes.json").write_text(json.dumps({}))
     with pytest.raises(ConfigError, match="holds no diffusers model"):
         load_model(str(tmp_path))
+
+
+def test_a_large_cpu_batch_runs_in_chunks_with_the_same_guided_output(monkeypatch):
+    """NoisePredictor splits a CPU batch above CPU_FORWARD_CHUNK into equal chunks; every sample's ε
+    is the one its own forward gives (to float rounding), with its own label and the guidance."""
+    from d2dpm import models
+    from d2dpm.models import NoisePredictor
+
+    network = tiny_unet(num_class_embeds=4).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(10) % 3
+    whole = NoisePredictor(network, 3)(x, 500, labels, 2.5)
+    calls = []
+    network.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(models, "CPU_FORWARD_CHUNK", 4)
+    chunked = NoisePredictor(network, 3)(x, 500, labels, 2.5)
+    assert calls == [4, 4, 4, 4, 4]  # [x; x] is 20 samples: five equal chunks of 4
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)

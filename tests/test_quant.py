@@ -178,3 +178,16 @@ def test_fast_activation_quantizer_matches_torch_fake_quantize(bits):
         assert differs.float().mean() < 1e-3
         assert torch.allclose(fast[differs], reference[differs], atol=scale * 1.001, rtol=0)
         assert len(torch.unique(fast)) <= levels + 1
+
+
+def test_activation_quantizer_keeps_the_channels_last_layout_and_takes_any_strides():
+    """A channels-last input stays channels-last (no copy before the next convolution), and a
+    channel slice of it (one half of a split input) quantizes as its contiguous copy does."""
+    from d2dpm.quant import quantize_activation
+
+    x = (torch.randn(6, 24, 8, 8, generator=torch.Generator().manual_seed(0)) * 3).contiguous(memory_format=torch.channels_last)
+    quantized = quantize_activation(x, 0.05, 128, 8)
+    assert quantized.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(quantized, quantize_activation(x.contiguous(), 0.05, 128, 8))
+    half = x[:, 10:]
+    assert torch.equal(quantize_activation(half, 0.05, 128, 8), quantize_activation(half.contiguous(), 0.05, 128, 8))

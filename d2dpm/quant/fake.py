@@ -109,10 +109,13 @@ def quantize_activation(x: torch.Tensor, scale: float, zero_point: int, bits: in
 
     Clamping x to the grid's range [−z·s, (2^b − 1 − z)·s] first lets the 8-bit kernel serve any
     b < 8: every value then rounds to one of the 2^b levels. At b = 8 the kernel's own clamp to
-    [0, 255] is that range, and the extra pass over the tensor is skipped."""
+    [0, 255] is that range, and the extra pass over the tensor is skipped.
+
+    The kernel takes any strides and keeps the input's memory layout, so a channels-last input
+    (models.py) stays channels-last for the convolution after it: no copy either way."""
     if bits < 8:
         x = x.clamp(-zero_point * scale, (2**bits - 1 - zero_point) * scale)
-    return torch.quantize_per_tensor(x.contiguous(), scale, zero_point, torch.quint8).dequantize()
+    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).dequantize()
 
 
 # The timestep of the forward running in this thread, for per-step input grids. Thread-local: one
