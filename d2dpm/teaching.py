@@ -56,8 +56,8 @@ depends on the sample (its spread $\sigma_\Delta(t)$, its correlation $\rho$ wit
 $\mu_\Delta(t)$ that the network's nonlinear layers make of the per-layer noise. So read the Deviation curves with the
 backbone in mind: after `rtn`, $\mu_\Delta$ is mostly the layers' own mean error and every mean correction removes much
 of it; after a backbone it is what remains, and the corrections help only as far as that remainder is the Gaussian of
-the next section. On the emoji model (512 images, η = 0) the best correction adds 0.4 dB of PSNR to FP to the AdaRound
-network at W8A8 and at W4A8; after `rtn` it adds 6.7 dB at W8A8 (PTQD) and 7.9 dB at W4A8.
+the next section. On the emoji model (512 images, η = 0) the best correction adds 1.0 dB of PSNR to FP to the AdaRound
+network at W8A8 and 0.2 dB at W4A8; after `rtn` it adds 6.7 dB at W8A8 (PTQD) and 7.9 dB at W4A8.
 """,
     ),
     (
@@ -162,8 +162,9 @@ For every backbone (the repository's `docs/results.md`): the **mean** correction
 the backbone leaves a mean deviation (round to nearest: up to 7.9 dB on emoji; after the per-step bias correction or AdaRound
 at most 1.9 dB on emoji, often none); conditioning on $\\hat\\epsilon$ beats PTQD where the error is correlated with the output (toy2d with
 round to nearest or bias correction at W4: $\\rho \\approx -0.85$, D² removes 54–64 % of the excess NLL and PTQD none; AdaRound takes
-that correlation away; on Fashion-MNIST, where it is anti-correlated, D-D² was ahead in every AdaRound cell); on emoji, where
-it is weak, D-D² and PTQD are within 0.4 dB of each other at W8A8 and W4A8 after a backbone, and PTQD is ahead at W4A6.
+that correlation away; on Fashion-MNIST after bias correction at W4, where it is anti-correlated, D-D² gains 2.5 dB at η = 0
+and PTQD nothing); after AdaRound, where it is weak on both image models, D-D² and PTQD are within 0.3 dB of each other at
+W8A8 and W4A8, and PTQD is ahead at emoji W4A6.
 The **variance** half of D-D² never helped: the mean-corrected output $E' = \\mathbb{{E}}[\\epsilon \\mid \\hat\\epsilon]$ already has
 *less* variance than $\\epsilon$ (by $\\sigma_{{\\text{{cond}}}}^2$ for any joint Gaussian), so absorbing more noise moves away from FP.
 
