@@ -52,7 +52,7 @@ def fp_trajectories(model: DiffusionModel, schedule: DDIMSchedule, count: int, s
                     on_step: Callable[[], None] | None = None) -> list[FPTrajectories]:
     """`count` trajectories of the FP network through the sampler, in batches of TRAJECTORY_BATCH.
     Batch b draws its classes and its sampler noise from seeds derived from (`seed`, b)."""
-    fp = NoisePredictor(model.network, model.num_classes)
+    fp = NoisePredictor(model.network, model.num_classes, chunked=False)  # one forward per step for the observer
     track = [Track("fp", "fp", Correction())]
     batches = []
     for index, start in enumerate(range(0, count, TRAJECTORY_BATCH)):

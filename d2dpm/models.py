@@ -100,15 +100,20 @@ class NoisePredictor:
     Guidance (classifier-free): ε = ε(x, ∅) + g·(ε(x, c) − ε(x, ∅)), computed in one batched
     forward of [conditional; unconditional]. g = 1 needs the conditional half only.
     Stateless: one instance may serve several threads at once.
+
+    `chunked=False` keeps every batch in one forward on the CPU too: for the calibration's
+    `ActivationObserver`, which keeps a fixed number of values per forward and so must see one
+    forward per step whatever the device.
     """
 
-    def __init__(self, network: nn.Module, num_classes: int | None):
+    def __init__(self, network: nn.Module, num_classes: int | None, chunked: bool = True):
         self.network = network
         self.num_classes = num_classes
+        self.chunked = chunked
 
     def _forward(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
         timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        if x.device.type != "cpu" or x.shape[0] <= CPU_FORWARD_CHUNK:
+        if not self.chunked or x.device.type != "cpu" or x.shape[0] <= CPU_FORWARD_CHUNK:
             return network_output(self.network, x, timesteps, labels)
         size = math.ceil(x.shape[0] / math.ceil(x.shape[0] / CPU_FORWARD_CHUNK))  # equal chunks: 72 → 36 + 36
         return torch.cat([network_output(self.network, x[i:i + size], timesteps[i:i + size],

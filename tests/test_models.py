@@ -88,3 +88,18 @@ def test_a_large_cpu_batch_runs_in_chunks_with_the_same_guided_output(monkeypatc
     chunked = NoisePredictor(network, 3)(x, 500, labels, 2.5)
     assert calls == [4, 4, 4, 4, 4]  # [x; x] is 20 samples: five equal chunks of 4
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_trajectories_run_one_forward_per_step_on_the_cpu(monkeypatch, pipeline_model_dir):
+    """The calibration's observer keeps a fixed number of input values per forward: its FP trajectories
+    must not be split into CPU chunks (or a CPU calibration would sample more values than a GPU one)."""
+    from d2dpm import models
+    from d2dpm.calibration import fp_trajectories
+    from d2dpm.schedule import DDIMSchedule
+
+    model = load_model(str(pipeline_model_dir))
+    monkeypatch.setattr(models, "CPU_FORWARD_CHUNK", 2)
+    calls = []
+    model.network.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    fp_trajectories(model, DDIMSchedule(model.scheduler_config, 3, 0.0), 5, 0, 1.0, "cpu")
+    assert calls == [5, 5, 5]
