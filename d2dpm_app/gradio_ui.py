@@ -393,8 +393,9 @@ def build_demo() -> gr.Blocks:
                         metrics = gr.Dataframe(value=metrics0, label="Metrics (PSNR/MSE to the FP samples; efficiency: size, BOPs)", interactive=False,
                                                elem_id="metrics", wrap=True)
                         psnr_plot = gr.Plot(show_label=False, elem_id="psnr-plot", visible=False)
+                        # Hidden until a run has written files: on the landing view it would be an empty box.
                         downloads = gr.File(label="Downloads: " + ", ".join(common.DOWNLOAD_NAMES), file_count="multiple",
-                                            interactive=False, elem_id="downloads", height=140)
+                                            interactive=False, elem_id="downloads", height=140, visible=False)
                         gr.Markdown(common.GUIDE, elem_id="guide")
                         gr.Markdown("Colours used in every plot: " + _chips(), elem_id="chips")
             with gr.Tab("Deviation curves", id="deviation") as deviation_tab:
@@ -449,6 +450,7 @@ def build_demo() -> gr.Blocks:
                 concurrency_limit=common.RUN_SLOTS, concurrency_id="compare", show_progress_on=[samples],
             )
             event.success(refresh_views, [state, all_paths], view_outputs, api_name="views" + suffix)
+            event.success(lambda: gr.File(visible=True), None, downloads, api_name=False, queue=False)  # the files exist now
             compare_events.append(event)
         stop.click(None, None, None, cancels=compare_events, api_name=False)
         # Sliders answer every change, keyboard included, not only a mouse release; always_last drops stale requests.

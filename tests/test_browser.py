@@ -166,6 +166,7 @@ def drive_gradio(page, url: str, shots: Shots) -> None:
         expect(page.locator(prompt).get_by_role("button", name="Run comparison")).to_be_visible()
         shots.page(page, f"0-before-run-{tab.split()[0].lower()}")
     page.get_by_role("tab", name="Compare").click()
+    expect(page.locator("#downloads")).to_be_hidden()  # no empty file box before a run has written files
 
     gradio_number(page, "steps", FAST["steps"])
     gradio_number(page, "num-images", FAST["images"])
