@@ -1,5 +1,5 @@
 """D²-DPM demo: `python app.py` serves the Gradio app; `streamlit run app.py` serves the
-Streamlit app, whose home page (Compare) is this file and whose other views are in pages/.
+Streamlit app, whose home page (Compare) is this file and whose other views are in views/.
 One file, so the same repository works as a Hugging Face Space with either SDK.
 """
 

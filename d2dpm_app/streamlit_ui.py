@@ -1,4 +1,4 @@
-"""The Streamlit app: the Compare page (home) and the helpers the pages in pages/ share.
+"""The Streamlit app: the Compare page (home) and the helpers the pages in views/ share.
 
 `streamlit run app.py` calls `run_app()`, which declares the navigation (Compare, Deviation
 curves, Trajectories, Method). The latest comparison lives in `st.session_state["result"]`;
@@ -19,7 +19,9 @@ from d2dpm.experiment import CompareConfig, ComparisonResult, CompareProgress
 from . import common, story
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ROOT / "pages"
+# Not pages/: Streamlit would also take that folder's files for pages of its own, and a direct link to a
+# view (…/method) would open with "Page not found".
+PAGES = ROOT / "views"
 RESULT_KEY = "result"
 CONFIG_KEY = "config"
 STORE_SIZE = 16

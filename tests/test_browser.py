@@ -335,6 +335,11 @@ def streamlit_fast_settings(page) -> None:
 
 def drive_streamlit(page, url: str, shots: Shots) -> None:
     page.set_viewport_size(VIEWPORT)
+    # A direct link to a view opens it, with no "Page not found" first.
+    page.goto(url + "method")
+    expect(page.locator("[data-testid='stMain']")).to_contain_text("Quantized diffusion", timeout=VIEW_WAIT)
+    streamlit_idle(page)
+    expect(page.get_by_text("Page not found")).to_have_count(0)
     page.goto(url)
     run = page.get_by_role("button", name="Run comparison")
     run.wait_for(timeout=VIEW_WAIT)

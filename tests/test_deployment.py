@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_SOURCES = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")), *sorted((ROOT / "d2dpm").rglob("*.py")),
+RUNTIME_SOURCES = [ROOT / "app.py", *sorted((ROOT / "views").glob("*.py")), *sorted((ROOT / "d2dpm").rglob("*.py")),
                    *sorted((ROOT / "d2dpm_app").glob("*.py"))]
 TEST_ONLY = {"pytest", "playwright"}
 

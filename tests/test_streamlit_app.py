@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
-COMPARE, DEVIATION, TRAJECTORIES, METHOD = "pages/0_Compare.py", "pages/1_Deviation_curves.py", "pages/2_Trajectories.py", "pages/3_Method.py"
+COMPARE, DEVIATION, TRAJECTORIES, METHOD = "views/0_Compare.py", "views/1_Deviation_curves.py", "views/2_Trajectories.py", "views/3_Method.py"
 TIMEOUT = 300  # seconds per script run: generous, CI has 2 shared cores
 FAST = {"steps": 4, "num_images": 2, "calib_samples": 8}  # a comparison of a few seconds on the tiny model
 
