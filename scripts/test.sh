@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything the tests need, then runs them all.
-# System packages (Debian): chromium for the browser tests, DejaVu fonts for figure labels.
+# System packages (Debian): chromium for the browser tests, DejaVu fonts for figure labels, and
+# Fashion-MNIST (the data `d2dpm train` and the classifier build read) for the dataset reader's test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(chromium fonts-dejavu-core)
+apt_packages=(chromium fonts-dejavu-core dataset-fashion-mnist)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
