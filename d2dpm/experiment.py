@@ -316,7 +316,7 @@ class Workbench:
         schedule = DDIMSchedule(model.scheduler_config, config.steps, config.eta)
         tracks = [Track(name, METHODS[name].network, make_correction(name, stats, config.granularity)) for name in config.methods]
         noise = SamplerNoise.draw(config.num_images, model.sample_shape, config.steps, config.seed, self.device)
-        labels = self._labels(model, config)
+        labels = self.image_labels(model, config)
         labels = labels.to(self.device) if labels is not None else None
 
         records = []
@@ -337,7 +337,8 @@ class Workbench:
         raise RuntimeError("the comparison ended without a result")
 
     @staticmethod
-    def _labels(model: DiffusionModel, config: CompareConfig) -> torch.Tensor | None:
+    def image_labels(model: DiffusionModel, config: CompareConfig) -> torch.Tensor | None:
+        """The class of each image of a comparison (None for an unconditional model)."""
         if not model.conditional:
             return None
         if config.class_label is not None:

@@ -79,7 +79,7 @@ def main() -> None:
     stats, source = workbench.statistics(model, config.stats_config(model))
     schedule = DDIMSchedule(model.scheduler_config, config.steps, 0.0)
     noise = SamplerNoise.draw(config.num_images, model.sample_shape, config.steps, config.seed)
-    labels = Workbench._labels(model, config)
+    labels = Workbench.image_labels(model, config)
     fp = NoisePredictor(model.network, model.num_classes)
     quantized = NoisePredictor(workbench.quantized_network(model, stats), model.num_classes)
     print(f"{model.identity}, W{config.w_bits}A{config.a_bits} {config.backbone} ({source} statistics), "
