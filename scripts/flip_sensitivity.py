@@ -73,7 +73,7 @@ def main() -> None:
 
     workbench = Workbench(device="cpu")
     config = CompareConfig(model=args.model, w_bits=args.w_bits, a_bits=args.a_bits, eta=0.0, backbone=args.backbone,
-                           methods=("fp", "q"), seed=args.seed, num_images=args.num_images).checked()
+                           methods=("fp", "q"), seed=args.seed, num_images=args.num_images)
     model = workbench.model(config.model)
     config = config.validated(model)
     stats, source = workbench.statistics(model, config.stats_config(model))
